@@ -1,0 +1,275 @@
+"""One sampling loop for every registered sampler and every checkpoint family.
+
+    pipe = SamplerPipeline.from_pretrained("checkpoints/mnist-ddpm-cond")
+    out = pipe("langevin", num_inference_steps=100, batch_size=16, seed=0, class_labels=3, guidance_scale=3)
+    out.images  # 16 PIL images; out.nfe, out.seconds
+
+The loop is diffusers' scheduler contract and nothing else:
+
+    x = randn(shape, generator) · scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        ε = net(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(ε, t, x, generator=generator).prev_sample
+
+where ``net`` is the checkpoint's network seen through
+:class:`~schedulers.parametrization.EpsilonNetwork` (the one place that knows the model type).
+Unlike diffusers' ``DDPMPipeline`` it honours ``scale_model_input`` and ``init_noise_sigma``, so
+σ-space samplers are correct. Every call builds a fresh scheduler, so concurrent calls on one
+pipeline cannot corrupt each other's state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from schedulers.parametrization import EpsilonNetwork, ModelFamily, epsilon_to_x0, expand_like, vp_scales
+from schedulers.registry import create_scheduler, get_spec
+from schedulers.schedules import DiscreteVPSchedule
+
+from .checkpoint import CheckpointInfo, inspect_checkpoint, load_unet, ve_sampler_config
+
+MAX_NFE = 20_000
+MAX_BATCH = 4096
+
+
+class SamplingDivergedError(RuntimeError):
+    """The sample became non-finite; the message says at which step and what to lower."""
+
+
+class SamplingCancelled(RuntimeError):
+    """``should_stop`` asked the loop to stop."""
+
+
+@dataclass
+class SampleOutput:
+    """Result of a sampling run.
+
+    Attributes:
+        images: PIL images, a float array ``[B, H, W, C]`` in [0, 1] (``"np"``), or the raw final
+            tensor ``[B, C, H, W]`` in model units (``"pt"``).
+        nfe: network evaluations (a classifier-free-guided evaluation counts once).
+        seconds: wall time of the loop.
+        sampler, num_inference_steps, params: what was run.
+    """
+
+    images: Union[list, np.ndarray, torch.Tensor]
+    nfe: int
+    seconds: float
+    sampler: str
+    num_inference_steps: int
+    params: dict = field(default_factory=dict)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Model-range images ``[B, C, H, W]`` in [-1, 1] → uint8 ``[B, H, W, C]``."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_pil(x: torch.Tensor) -> list:
+    """Model-range images → PIL images (mode ``L`` for one channel)."""
+    from PIL import Image
+
+    arrays = to_uint8(x)
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
+
+
+def make_grid(images, nrow: int = 4, padding: int = 2, scale: int = 1):
+    """Tile PIL images, uint8/float ``[B, H, W, C]`` arrays or model-range tensors into one PIL image.
+
+    ``scale`` > 1 enlarges with nearest-neighbour, so small images stay sharp.
+    """
+    from PIL import Image
+
+    if isinstance(images, torch.Tensor):
+        arr = to_uint8(images)
+    elif isinstance(images, np.ndarray):
+        arr = images if images.dtype == np.uint8 else (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    else:
+        arr = np.stack([np.asarray(im) for im in images])
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    b, h, w, c = arr.shape
+    ncol = min(nrow, b)
+    nrows = -(-b // ncol)
+    grid = np.full((nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), 255, dtype=np.uint8)
+    for i in range(b):
+        r, k = divmod(i, ncol)
+        grid[padding + r * (h + padding):padding + r * (h + padding) + h, padding + k * (w + padding):padding + k * (w + padding) + w] = arr[i]
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+class SamplerPipeline:
+    """Sample any checkpoint with any registered sampler.
+
+    Args:
+        unet: the network (``UNet2DModel`` or anything with its call signature).
+        family: how the network was trained.
+        sampler_config: the DDPM schedule every sampler is configured from (for a VE network,
+            the schedule that spans its σ range; see ``checkpoint.family_from_configs``).
+        info: the checkpoint description, when loaded from a folder.
+    """
+
+    def __init__(self, unet, family: ModelFamily, sampler_config: Optional[dict] = None, info: Optional[CheckpointInfo] = None,
+                 sample_shape: Optional[Sequence[int]] = None):
+        self.unet = unet
+        self.family = family
+        self.info = info
+        if family.kind == "ve" and not sampler_config:
+            sampler_config = ve_sampler_config(family)
+        self.sampler_config = dict(sampler_config or {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+                                                      "beta_schedule": "linear"})
+        self.schedule = DiscreteVPSchedule.from_config(self.sampler_config)
+        if sample_shape is None:
+            cfg = getattr(unet, "config", None)
+            size = getattr(cfg, "sample_size", 32)
+            size = size[0] if isinstance(size, (list, tuple)) else size
+            sample_shape = (getattr(cfg, "in_channels", 1), size, size)
+        self.sample_shape = tuple(sample_shape)
+
+    @classmethod
+    def from_pretrained(cls, source: str, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
+                        allow_hub: bool = True, allowed_roots: Optional[list] = None) -> "SamplerPipeline":
+        """Load a diffusers-format checkpoint folder or Hub repo id (see :mod:`pipelines.checkpoint`)."""
+        info = inspect_checkpoint(source, allow_hub=allow_hub, allowed_roots=allowed_roots)
+        unet = load_unet(info, device=device, dtype=dtype)
+        return cls(unet, info.family, info.sampler_config, info=info,
+                   sample_shape=(info.in_channels, info.sample_size, info.sample_size))
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in list(self.unet.parameters()) + list(self.unet.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    def _class_labels(self, class_labels, batch_size: int, guidance_scale: float) -> Optional[torch.Tensor]:
+        f = self.family
+        if not (isinstance(guidance_scale, (int, float)) and np.isfinite(guidance_scale) and 0 <= guidance_scale <= 50):
+            raise ValueError(f"guidance_scale must be a number between 0 and 50, got {guidance_scale!r}")
+        if class_labels is None:
+            if f.is_conditional and f.null_class_label is None:
+                raise ValueError("class_labels: this checkpoint is class-conditional without a null label; "
+                                 f"give class labels in 0..{f.num_classes - 1}")
+            if guidance_scale != 1.0 and f.is_conditional:
+                raise ValueError("guidance_scale ≠ 1 needs class_labels (guidance pushes towards a class)")
+            return None
+        if not f.is_conditional:
+            raise ValueError("class_labels: this checkpoint is unconditional; class labels do not apply")
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if labels.numel() == 1:
+            labels = labels.expand(batch_size)
+        if labels.numel() != batch_size:
+            raise ValueError(f"class_labels: got {labels.numel()} labels for a batch of {batch_size}")
+        if (labels < 0).any() or (labels >= f.num_classes).any():
+            raise ValueError(f"class_labels must be in 0..{f.num_classes - 1}, got {labels.tolist()}")
+        if guidance_scale != 1.0 and f.null_class_label is None:
+            raise ValueError("guidance_scale ≠ 1 needs a checkpoint trained with label dropout (no null label here)")
+        return labels.to(self.device)
+
+    def prepare(self, scheduler: str, num_inference_steps: Optional[int], scheduler_params: Optional[dict]):
+        """Build and set a fresh scheduler; validates the step count and parameters."""
+        spec = get_spec(scheduler)
+        steps = spec.default_steps if num_inference_steps is None else num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
+            raise ValueError(f"num_inference_steps must be a positive whole number, got {steps!r}")
+        steps = int(steps)
+        sched, step_kwargs = create_scheduler(scheduler, self.sampler_config, scheduler_params)
+        sched.set_timesteps(steps, device=self.device)
+        if len(sched.timesteps) > MAX_NFE:
+            raise ValueError(f"num_inference_steps={steps} with {scheduler} means {len(sched.timesteps)} network "
+                             f"evaluations, more than the limit of {MAX_NFE}")
+        return sched, step_kwargs, steps
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        scheduler: str = "ddim",
+        num_inference_steps: Optional[int] = None,
+        scheduler_params: Optional[dict] = None,
+        batch_size: int = 1,
+        seed: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        class_labels=None,
+        guidance_scale: float = 1.0,
+        output_type: str = "pil",
+        callback: Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]] = None,
+        callback_steps: int = 1,
+        should_stop: Optional[Callable[[], bool]] = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> SampleOutput:
+        """Draw ``batch_size`` samples.
+
+        Args:
+            scheduler: registry name (``schedulers.registry.SAMPLERS``).
+            num_inference_steps: the sampler's step count (noise levels for Langevin); default: the registry's.
+            scheduler_params: values for the sampler's parameters (e.g. ``{"eta": 1.0}``).
+            batch_size: number of images.
+            seed: seeds a CPU ``torch.Generator``, so a seed gives the same images on any device.
+            generator: used instead of ``seed`` when given.
+            class_labels: an int or one per image, for class-conditional checkpoints.
+            guidance_scale: classifier-free guidance weight w (MATH.md §6); 1 = plain conditional.
+            output_type: ``"pil"``, ``"np"`` (float [0, 1], NHWC) or ``"pt"`` (raw tensor, model units).
+            callback: called as ``callback(i, n, x_t, x0_hat)`` every ``callback_steps`` steps and at the end.
+            callback_steps: how often ``callback`` is called.
+            should_stop: polled before every step; returning True raises :class:`SamplingCancelled`.
+            dtype: dtype of the loop state (the network keeps its own).
+
+        Raises:
+            ValueError: bad arguments (the message names the parameter).
+            SamplingDivergedError: the sample became non-finite.
+        """
+        spec = get_spec(scheduler)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= MAX_BATCH:
+            raise ValueError(f"batch_size must be a whole number between 1 and {MAX_BATCH}, got {batch_size!r}")
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if not isinstance(callback_steps, int) or callback_steps < 1:
+            raise ValueError(f"callback_steps must be a positive whole number, got {callback_steps!r}")
+        labels = self._class_labels(class_labels, int(batch_size), float(guidance_scale))
+        sched, step_kwargs, steps = self.prepare(scheduler, num_inference_steps, scheduler_params)
+        net = EpsilonNetwork(self.unet, self.family, self.schedule)
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**63))
+
+        start = time.perf_counter()
+        device = self.device
+        x = torch.randn((int(batch_size), *self.sample_shape), generator=generator, dtype=dtype).to(device)
+        x = x * sched.init_noise_sigma
+        timesteps = sched.timesteps
+        n = len(timesteps)
+        for i, t in enumerate(timesteps):
+            if should_stop is not None and should_stop():
+                raise SamplingCancelled(f"stopped at step {i} of {n}")
+            model_input = sched.scale_model_input(x, t)
+            epsilon_hat = net(model_input, t, class_labels=labels, guidance_scale=guidance_scale)
+            out = sched.step(epsilon_hat, t, x, generator=generator, **step_kwargs)
+            x_prev = out.prev_sample
+            if not torch.isfinite(x_prev).all():
+                raise SamplingDivergedError(
+                    f"{spec.title}: the sample became non-finite at step {i + 1} of {n} "
+                    f"(timestep {float(t):.4g}); {spec.divergence_hint}")
+            if callback is not None and ((i + 1) % callback_steps == 0 or i == n - 1):
+                x0_hat = getattr(out, "pred_original_sample", None)
+                if x0_hat is None:  # diffusers' multistep solvers: Tweedie from ε in the VP state
+                    alpha_t, sigma_t = vp_scales(self.schedule.alpha_bar_at(torch.as_tensor(float(t))))
+                    x0_hat = epsilon_to_x0(epsilon_hat, x, expand_like(alpha_t, x), expand_like(sigma_t, x))
+                callback(i, n, x_prev, x0_hat)
+            x = x_prev
+        seconds = time.perf_counter() - start
+        if output_type == "pt":
+            images = x
+        elif output_type == "np":
+            images = to_uint8(x).astype(np.float32) / 255.0
+        else:
+            images = to_pil(x)
+        params = {**spec.defaults(), **(scheduler_params or {})}
+        return SampleOutput(images=images, nfe=net.nfe, seconds=seconds, sampler=scheduler, num_inference_steps=steps,
+                            params=params)

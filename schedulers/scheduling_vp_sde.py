@@ -1,0 +1,132 @@
+"""Reverse-time VP-SDE, Euler–Maruyama predictor with an optional Langevin corrector
+(Song et al. 2021, "Score-Based Generative Modeling through SDEs", MATH.md §5)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from .base import DDPMScheduleMixin, LabSchedulerOutput
+from .parametrization import epsilon_to_score, epsilon_to_x0, to_epsilon
+from .schedules import VPSDE
+
+
+class VPSDEScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
+    """Euler–Maruyama on the reverse VP-SDE, optionally as a predictor–corrector sampler.
+
+    Forward SDE dx = -½ β(t) x dt + √β(t) dw, β(t) = β_min + t (β_max − β_min) with
+    β_min = T·beta_start, β_max = T·beta_end (MATH.md §5); reverse SDE
+    dx = [f(x,t) − g(t)² ∇log p_t(x)] dt + g(t) dw̄. With N = ``num_inference_steps`` the grid is
+    t_0 = 1 > t_1 > … > t_N = t_ε, Δt = −(1 − t_ε)/N, and each predictor step is
+
+        x̄ = x + [−½ β(t_i) x − β(t_i) s_θ(x, t_i)] Δt,    x = x̄ + √β(t_i) √|Δt| z,
+
+    returning x̄ (no noise) on the last step. With ``corrector_steps`` = C > 0, each predictor step
+    is preceded by C Langevin corrector steps at t_i (score_sde's PC sampler):
+    ε_i = 2 α_i (r ‖z‖/‖s_θ‖)², x ← x + ε_i s_θ + √(2 ε_i) z, r = ``snr``, α_i = 1 − β at t_i.
+
+    ``len(timesteps)`` = N (1 + C) network evaluations. Timesteps are the labels t·(T−1) a DDPM
+    network was trained on; ε̂ becomes the score −ε̂/√(1 − m(t)²) with the SDE's own marginal std.
+
+    Args:
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the DDPM schedule.
+        prediction_type: ``epsilon``, ``sample`` or ``v_prediction``.
+        sampling_eps: t_ε, where integration stops (the score is unreliable at t → 0).
+        corrector_steps: C, Langevin corrector steps per predictor step (0 = plain Euler–Maruyama).
+        snr: r, the corrector's signal-to-noise ratio.
+    """
+
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[list] = None,
+        prediction_type: str = "epsilon",
+        sampling_eps: float = 1e-3,
+        corrector_steps: int = 0,
+        snr: float = 0.16,
+    ):
+        self._init_schedule()
+        self.sde = VPSDE.from_config(self.config)
+        self.init_noise_sigma = 1.0  # prior N(0, I)
+        self.times = torch.zeros(0)
+
+    def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device] = None):
+        """N predictor steps from t = 1 to t_ε; each preceded by ``corrector_steps`` corrector steps."""
+        self._check_num_inference_steps(num_inference_steps)
+        t_eps = self.config.sampling_eps
+        if not 0 < t_eps < 1:
+            raise ValueError(f"sampling_eps (t_ε) must be in (0, 1), got {t_eps}")
+        C = self.config.corrector_steps
+        if C < 0:
+            raise ValueError(f"corrector_steps must be ≥ 0, got {C}")
+        if C and not self.config.snr > 0:
+            raise ValueError(f"snr must be positive, got {self.config.snr}")
+        self.num_inference_steps = num_inference_steps
+        grid = torch.linspace(1.0, t_eps, num_inference_steps + 1, dtype=torch.float64)  # t_0 = 1 … t_N = t_ε
+        self.dt = -(1.0 - t_eps) / num_inference_steps  # Δt
+        self.times = grid[:-1].repeat_interleave(C + 1)
+        self.is_corrector = torch.tensor(([True] * C + [False]) * num_inference_steps)
+        self.timesteps = self.sde.label(self.times).float().to(device)
+        self._step_index = None
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """The VP state is what a DDPM network takes: returned unchanged."""
+        return sample
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        return_dict: bool = True,
+    ):
+        """One corrector or Euler–Maruyama predictor step at the current time.
+
+        Returns:
+            ``(prev_sample, pred_original_sample)``.
+        """
+        # x (sample): VP state | t: continuous time | β(t): g² | Δt < 0 | z: fresh N(0, I) | s: score
+        i = self._current_index(timestep)
+        t = self.times[i]
+        m_t, std_t = float(self.sde.mean_coeff(t)), float(self.sde.std(t))
+        epsilon_hat = to_epsilon(model_output, self.config.prediction_type, sample, m_t, std_t)
+        score = epsilon_to_score(epsilon_hat, std_t)  # s_θ = -ε̂/√(1-m²)
+        pred_original_sample = epsilon_to_x0(epsilon_hat, sample, m_t, std_t)
+        z = None
+        if bool(self.is_corrector[i]):
+            z = self._randn(sample, generator)
+            alpha_i = 1.0 - float(self.sde.beta(t)) / self.schedule.num_train_timesteps  # α = 1 − β_discrete
+            # norms averaged over the batch, as in score_sde: a per-sample ‖s_θ‖ can vanish at a mode
+            z_norm = z.flatten(1).norm(dim=1).mean()
+            s_norm = score.flatten(1).norm(dim=1).mean().clamp_min(1e-12)
+            step_size = 2 * alpha_i * (self.config.snr * z_norm / s_norm) ** 2  # ε_i = 2α (r‖z‖/‖s‖)²
+            prev_sample = sample + step_size * score + (2 * step_size).sqrt() * z  # Langevin corrector
+        else:
+            beta_t = float(self.sde.beta(t))
+            drift = -0.5 * beta_t * sample - beta_t * score  # f − g² s
+            x_mean = sample + drift * self.dt  # x̄ = x + [f − g² s] Δt
+            last = i == len(self.timesteps) - 1
+            if last:
+                prev_sample = x_mean  # noise removal on the last step
+            else:
+                z = self._randn(sample, generator)
+                prev_sample = x_mean + math.sqrt(beta_t * abs(self.dt)) * z  # + g √|Δt| z
+        self._step_index = i + 1
+        if not return_dict:
+            return prev_sample, pred_original_sample
+        return LabSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Forward marginal x_t = m(t) x₀ + √(1 − m²) z at the continuous time t = label/(T−1)."""
+        return self.sde.add_noise(original_samples, noise, timesteps)

@@ -1,0 +1,68 @@
+"""The two training objectives (MATH.md §1 and §4): sample a noise level, add noise, weight, square."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from schedulers.parametrization import epsilon_to_v
+
+
+def ddpm_loss(unet, x_0: torch.Tensor, alphas_cumprod: torch.Tensor, generator: torch.Generator,
+              prediction_type: str = "epsilon", class_labels=None) -> torch.Tensor:
+    """DDPM Algorithm 1: t ~ U{0..T-1}, ε ~ N(0, I), ‖target − net(√ᾱ_t x₀ + √(1-ᾱ_t) ε, t)‖².
+
+    Args:
+        unet: network called as ``unet(x_t, t, class_labels=...)``.
+        x_0: clean images in [-1, 1].
+        alphas_cumprod: ᾱ_t on the training labels (on ``x_0``'s device).
+        generator: a CPU generator; all randomness of the step comes from it.
+        prediction_type: ``"epsilon"`` (target ε), ``"sample"`` (x₀) or ``"v_prediction"``
+            (v = √ᾱ ε − √(1-ᾱ) x₀).
+    """
+    b = x_0.shape[0]
+    t = torch.randint(0, len(alphas_cumprod), (b,), generator=generator).to(x_0.device)
+    epsilon = torch.randn(x_0.shape, generator=generator).to(x_0.device, x_0.dtype)
+    alpha_bar_t = alphas_cumprod[t].to(x_0.dtype).view(b, 1, 1, 1)
+    alpha_t, sigma_t = alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt()
+    x_t = alpha_t * x_0 + sigma_t * epsilon  # q(x_t | x_0)
+    if prediction_type == "epsilon":
+        target = epsilon
+    elif prediction_type == "sample":
+        target = x_0
+    elif prediction_type == "v_prediction":
+        target = epsilon_to_v(epsilon, x_t, alpha_t, sigma_t)
+    else:
+        raise ValueError(f"prediction_type must be epsilon, sample or v_prediction, got {prediction_type!r}")
+    kwargs = {} if class_labels is None else {"class_labels": class_labels}
+    prediction = unet(x_t, t, **kwargs).sample
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def sample_sigmas(batch: int, sigma_min: float, sigma_max: float, generator: torch.Generator,
+                  num_levels: int | None = None) -> torch.Tensor:
+    """σ for each image: one of ``num_levels`` geometric levels (NCSN), or log-uniform when None."""
+    if num_levels:
+        levels = torch.logspace(math.log10(sigma_max), math.log10(sigma_min), num_levels, dtype=torch.float64)
+        return levels[torch.randint(0, num_levels, (batch,), generator=generator)].float()
+    u = torch.rand(batch, generator=generator, dtype=torch.float64)
+    return torch.exp(math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min))).float()
+
+
+def ncsn_loss(unet, x_0: torch.Tensor, sigma_min: float, sigma_max: float, generator: torch.Generator,
+              num_levels: int | None = None, class_labels=None) -> torch.Tensor:
+    """Denoising score matching with λ(σ) = σ²: E ‖σ s_θ(x₀ + σ ε, σ) + ε‖² (MATH.md §4).
+
+    The network is a ``UNet2DModel`` with Fourier time embedding fed σ; diffusers divides its
+    output by σ, so ``unet(...).sample`` is the score s_θ and σ·s_θ ≈ −ε is of unit scale.
+    """
+    b = x_0.shape[0]
+    sigma = sample_sigmas(b, sigma_min, sigma_max, generator, num_levels).to(x_0.device)
+    epsilon = torch.randn(x_0.shape, generator=generator).to(x_0.device, x_0.dtype)
+    sigma_ = sigma.to(x_0.dtype).view(b, 1, 1, 1)
+    x_tilde = x_0 + sigma_ * epsilon  # perturbation x̃ = x + σ ε
+    kwargs = {} if class_labels is None else {"class_labels": class_labels}
+    score = unet(x_tilde, sigma, **kwargs).sample
+    return F.mse_loss((sigma_ * score).float(), -epsilon.float())  # ‖σ s + ε‖², per dimension
