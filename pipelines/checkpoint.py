@@ -221,7 +221,8 @@ def scheduler_config_for(family: ModelFamily, sampler_config: dict, extra: Optio
     if family.kind == "ve":
         return {"_class_name": "ScoreSdeVeScheduler", "num_train_timesteps": 1000, "sigma_min": family.sigma_min,
                 "sigma_max": family.sigma_max, "snr": 0.16, "sampling_eps": 1e-5, "correct_steps": 1, LAB_KEY: lab}
-    return {"_class_name": "DDPMScheduler", **{k: v for k, v in sampler_config.items() if v is not None},
+    schedule = {k: sampler_config[k] for k in DDPM_SCHEDULE_KEYS if sampler_config.get(k) is not None}
+    return {"_class_name": "DDPMScheduler", **schedule,
             "prediction_type": family.prediction_type, "clip_sample": True, "variance_type": "fixed_small", LAB_KEY: lab}
 
 

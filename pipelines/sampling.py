@@ -34,7 +34,7 @@ from schedulers.schedules import DiscreteVPSchedule
 from .checkpoint import CheckpointInfo, inspect_checkpoint, load_unet, ve_sampler_config
 
 MAX_NFE = 20_000
-MAX_BATCH = 4096
+MAX_BATCH = 10_000
 
 
 class SamplingDivergedError(RuntimeError):
@@ -181,6 +181,8 @@ class SamplerPipeline:
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
             raise ValueError(f"num_inference_steps must be a positive whole number, got {steps!r}")
         steps = int(steps)
+        if steps > MAX_NFE:
+            raise ValueError(f"num_inference_steps={steps} is more than the limit of {MAX_NFE} network evaluations")
         sched, step_kwargs = create_scheduler(scheduler, self.sampler_config, scheduler_params)
         sched.set_timesteps(steps, device=self.device)
         if len(sched.timesteps) > MAX_NFE:

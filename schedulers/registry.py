@@ -139,7 +139,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             "dpmsolver++", "DPM-Solver++ (2M)", DPMSolverMultistepScheduler,
             "Lu et al. 2022: second-order multistep solver of the probability-flow ODE in log-SNR time; good images "
             "in 15–25 steps (diffusers' implementation, for comparison).",
-            default_steps=20,
+            default_steps=25,
             config={"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
             params=(Param("solver_order", "int", 2, 1, 3, label="order", help="order of the multistep solver"),),
             stochastic=False,
@@ -186,7 +186,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
             "(2 evaluations a step) or Euler.",
             default_steps=100,
             params=(Param("solver", "choice", "heun", choices=("heun", "euler"), label="solver",
-                          help="Heun (2nd order, 2 NFE/step) or Euler"), _T_EPS),
+                          help="Heun (2nd order, 2 NFE/step) or Euler"), _T_EPS,
+                    Param("final_denoise", "bool", True, label="final denoise",
+                          help="end with Tweedie's x̂₀ at t_ε (one more evaluation)")),
             stochastic=False,
         ),
     )

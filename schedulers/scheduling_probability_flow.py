@@ -25,6 +25,9 @@ class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
     - Euler: x_{i+1} = x_i + d(x_i, t_i) Δt  (N evaluations);
     - Heun:  x' = x_i + d_i Δt,  x_{i+1} = x_i + ½ (d_i + d(x', t_{i+1})) Δt  (2N evaluations).
 
+    With ``final_denoise`` one more evaluation at t_ε returns Tweedie's x̂₀ = (x − √(1−m²) ε̂)/m
+    instead of x(t_ε), removing the noise left at t_ε (score_sde's ``denoise=True``).
+
     Timesteps are the DDPM labels t·(T−1) (Heun's list holds each second-stage time as its own
     entry), so ``len(timesteps)`` is the number of network evaluations.
 
@@ -33,6 +36,7 @@ class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
         prediction_type: ``epsilon``, ``sample`` or ``v_prediction``.
         solver: ``"euler"`` or ``"heun"``.
         sampling_eps: t_ε, the end of integration.
+        final_denoise: finish with the Tweedie denoising step at t_ε (one extra evaluation).
     """
 
     order = 2
@@ -48,6 +52,7 @@ class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
         prediction_type: str = "epsilon",
         solver: str = "heun",
         sampling_eps: float = 1e-3,
+        final_denoise: bool = True,
     ):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -59,7 +64,7 @@ class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
         self._d_i = None
 
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device] = None):
-        """N ODE steps from t = 1 to t_ε (2N network evaluations for Heun)."""
+        """N ODE steps from t = 1 to t_ε: N (Euler) or 2N (Heun) evaluations, +1 with ``final_denoise``."""
         self._check_num_inference_steps(num_inference_steps)
         t_eps = self.config.sampling_eps
         if not 0 < t_eps < 1:
@@ -71,6 +76,9 @@ class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
             self.times = torch.stack([grid[:-1], grid[1:]], dim=1).reshape(-1)  # t_0, t_1, t_1, t_2, …
         else:
             self.times = grid[:-1]
+        self._num_ode_entries = len(self.times)
+        if self.config.final_denoise:
+            self.times = torch.cat([self.times, grid[-1:]])  # one more evaluation at t_ε
         self.timesteps = self.sde.label(self.times).float().to(device)
         self._step_index, self._x_i, self._d_i = None, None, None
 
@@ -100,7 +108,9 @@ class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
         """
         i = self._current_index(timestep)
         drift, pred_original_sample = self._drift(model_output, sample, self.times[i])
-        if self.config.solver == "euler":
+        if i >= self._num_ode_entries:  # final denoising step at t_ε
+            prev_sample = pred_original_sample
+        elif self.config.solver == "euler":
             prev_sample = sample + drift * self.dt  # Euler method
         elif i % 2 == 0:  # Heun, first stage: Euler predictor to t_{i+1}
             self._x_i, self._d_i = sample, drift
