@@ -80,16 +80,18 @@ class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
         if self.config.final_denoise:
             self.times = torch.cat([self.times, grid[-1:]])  # one more evaluation at t_ε
         self.timesteps = self.sde.label(self.times).float().to(device)
+        self._m = self.sde.mean_coeff(self.times).tolist()  # per entry, computed once
+        self._std = self.sde.std(self.times).tolist()
+        self._beta = self.sde.beta(self.times).tolist()
         self._step_index, self._x_i, self._d_i = None, None, None
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """The VP state is what a DDPM network takes: returned unchanged."""
         return sample
 
-    def _drift(self, model_output, sample, t):
-        m_t, std_t = float(self.sde.mean_coeff(t)), float(self.sde.std(t))
+    def _drift(self, model_output, sample, i: int):
+        m_t, std_t, beta_t = self._m[i], self._std[i], self._beta[i]
         epsilon_hat = to_epsilon(model_output, self.config.prediction_type, sample, m_t, std_t)
-        beta_t = float(self.sde.beta(t))
         drift = -0.5 * beta_t * sample - 0.5 * beta_t * epsilon_to_score(epsilon_hat, std_t)  # f − ½ g² s
         return drift, epsilon_to_x0(epsilon_hat, sample, m_t, std_t)
 
@@ -107,7 +109,7 @@ class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
             ``(prev_sample, pred_original_sample)``.
         """
         i = self._current_index(timestep)
-        drift, pred_original_sample = self._drift(model_output, sample, self.times[i])
+        drift, pred_original_sample = self._drift(model_output, sample, i)
         if i >= self._num_ode_entries:  # final denoising step at t_ε
             prev_sample = pred_original_sample
         elif self.config.solver == "euler":

@@ -77,6 +77,10 @@ class VPSDEScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
         self.times = grid[:-1].repeat_interleave(C + 1)
         self.is_corrector = torch.tensor(([True] * C + [False]) * num_inference_steps)
         self.timesteps = self.sde.label(self.times).float().to(device)
+        # m(t), √(1-m²) and β(t) of every entry, computed once rather than in the sampling loop
+        self._m = self.sde.mean_coeff(self.times).tolist()
+        self._std = self.sde.std(self.times).tolist()
+        self._beta = self.sde.beta(self.times).tolist()
         self._step_index = None
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
@@ -98,22 +102,20 @@ class VPSDEScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
         """
         # x (sample): VP state | t: continuous time | β(t): g² | Δt < 0 | z: fresh N(0, I) | s: score
         i = self._current_index(timestep)
-        t = self.times[i]
-        m_t, std_t = float(self.sde.mean_coeff(t)), float(self.sde.std(t))
+        m_t, std_t, beta_t = self._m[i], self._std[i], self._beta[i]
         epsilon_hat = to_epsilon(model_output, self.config.prediction_type, sample, m_t, std_t)
         score = epsilon_to_score(epsilon_hat, std_t)  # s_θ = -ε̂/√(1-m²)
         pred_original_sample = epsilon_to_x0(epsilon_hat, sample, m_t, std_t)
         z = None
         if bool(self.is_corrector[i]):
             z = self._randn(sample, generator)
-            alpha_i = 1.0 - float(self.sde.beta(t)) / self.schedule.num_train_timesteps  # α = 1 − β_discrete
+            alpha_i = 1.0 - beta_t / self.schedule.num_train_timesteps  # α = 1 − β_discrete
             # norms averaged over the batch, as in score_sde: a per-sample ‖s_θ‖ can vanish at a mode
             z_norm = z.flatten(1).norm(dim=1).mean()
             s_norm = score.flatten(1).norm(dim=1).mean().clamp_min(1e-12)
             step_size = 2 * alpha_i * (self.config.snr * z_norm / s_norm) ** 2  # ε_i = 2α (r‖z‖/‖s‖)²
             prev_sample = sample + step_size * score + (2 * step_size).sqrt() * z  # Langevin corrector
         else:
-            beta_t = float(self.sde.beta(t))
             drift = -0.5 * beta_t * sample - beta_t * score  # f − g² s
             x_mean = sample + drift * self.dt  # x̄ = x + [f − g² s] Δt
             last = i == len(self.timesteps) - 1

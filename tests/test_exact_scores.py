@@ -125,9 +125,9 @@ class EulerMaruyamaWrongSign(VPSDEScheduler):
 class ProbabilityFlowFullG2(ProbabilityFlowScheduler):
     """Drift f − g² s (the SDE's) without its noise, instead of f − ½ g² s."""
 
-    def _drift(self, model_output, sample, t):
-        drift, x0 = super()._drift(model_output, sample, t)
-        beta_t = float(self.sde.beta(t))
+    def _drift(self, model_output, sample, i):
+        drift, x0 = super()._drift(model_output, sample, i)
+        beta_t = self._beta[i]
         return 2 * drift + 0.5 * beta_t * sample, x0
 
 

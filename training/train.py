@@ -24,6 +24,7 @@ at every checkpoint.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -319,6 +320,13 @@ def main(argv=None) -> int:
     say(f"{n_params:,} parameters; {len(data)} images from {data.source}; {max_steps} steps of "
         f"{args.train_batch_size}×{world}×{args.gradient_accumulation_steps} images; objective {args.objective}")
 
+    log_path = output_dir / "train_log.jsonl"  # one line per optimizer step: step, loss, lr
+    if main_proc:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if log_path.exists():  # after a resume, drop the steps that are about to be redone
+            kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= state["step"]]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
     progress = None
     if main_proc and not args.no_progress:
         from tqdm.auto import tqdm
@@ -356,7 +364,7 @@ def main(argv=None) -> int:
                             f"the learning rate {lr_scheduler.get_last_lr()[0]:.2e} is probably too high: try --learning_rate "
                             f"{args.learning_rate / 10:.1e}, or check the data for NaN pixels")
                     where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                    raise TrainingError(f"non-finite loss at step {step} (objective {args.objective}); likely cause: {hint}; "
+                    raise TrainingError(f"non-finite loss at step {step + 1} (objective {args.objective}); likely cause: {hint}; "
                                         f"{where}. Fix the setting and run again with --resume_from_checkpoint latest.")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
@@ -372,6 +380,8 @@ def main(argv=None) -> int:
         state["train_seconds"] = base_seconds + (time.time() - t_start)
         imgs_since += args.train_batch_size * world * args.gradient_accumulation_steps
         if main_proc:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"step": state["step"], "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}) + "\n")
             if report_to not in (None, "none"):
                 accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=state["step"])
             if progress is not None:
@@ -399,6 +409,8 @@ def main(argv=None) -> int:
     save_training_state()
     export_model("final")
     accelerator.end_training()
+    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in accelerator.unwrap_model(unet).parameters()))
+    print(f"[rank {rank}] weights sha256 {digest.hexdigest()[:16]}", flush=True)
     say(f"done: {state['step']} steps, loss {state['loss_ema']:.4f}, model in {output_dir / 'model'}")
     return 0
 

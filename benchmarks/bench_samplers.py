@@ -1,0 +1,119 @@
+"""Sampler benchmark: loop overhead and accuracy at equal cost, for every registered sampler.
+
+    python benchmarks/bench_samplers.py            # both tables
+    python benchmarks/bench_samplers.py --quick    # fewer repeats and samples
+
+(1) Overhead: the pipeline's full loop wall time divided by NFE × the wall time of one forward
+    pass of a real ``UNet2DModel`` (the ``cpu-small`` training preset, 32×32×1, batch 16,
+    random weights). Both are measured in the same run, interleaved, and medians are reported;
+    1.00 means the sampler adds nothing to the network's cost (goal ≤ 1.02).
+(2) Accuracy: the exact-score Gaussian mixture of ``tests/test_exact_scores.py`` (VP network),
+    sampled at about 10, 20, 50, 100 and 1000 network evaluations. Each cell is
+    ``max |weight error| / worst |width ratio − 1|`` over the three modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from diffusers import UNet2DModel
+
+from pipelines.analytic import GaussianMixtureNet
+from pipelines.sampling import SamplerPipeline
+from schedulers.parametrization import ModelFamily
+from schedulers.registry import SAMPLERS, steps_for_nfe
+from training.presets import unet_config
+
+WEIGHTS = [0.2, 0.5, 0.3]
+MEANS = [[-0.6, -0.3], [0.5, 0.4], [0.1, -0.7]]
+STDS = [0.10, 0.20, 0.15]
+NFES = (10, 20, 50, 100, 1000)
+
+
+def overhead_table(repeats: int, nfe_target: int = 30) -> list[tuple]:
+    torch.manual_seed(0)
+    unet = UNet2DModel(**unet_config("cpu-small", None, resolution=32, channels=1, objective="ddpm",
+                                     num_class_embeds=None)).eval().requires_grad_(False)
+    pipe = SamplerPipeline(unet, ModelFamily(kind="vp"))
+    x = torch.randn(16, 1, 32, 32)
+    t = torch.tensor(500.0)
+
+    def forward_time(n=10):
+        times = []
+        with torch.no_grad():
+            for _ in range(n):
+                start = time.perf_counter()
+                unet(x, t)
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    forward_time(5)  # warm-up
+    rows = []
+    for name in SAMPLERS:
+        steps = steps_for_nfe(name, nfe_target)
+        ratios, nfe = [], 0
+        for r in range(repeats):
+            per_forward = forward_time()
+            out = pipe(name, steps, batch_size=16, seed=r, output_type="pt")
+            nfe = out.nfe
+            ratios.append(out.seconds / (nfe * per_forward))
+        rows.append((name, nfe, statistics.median(ratios), min(ratios), max(ratios)))
+    return rows
+
+
+def accuracy_table(n: int) -> dict:
+    net = GaussianMixtureNet(WEIGHTS, MEANS, STDS, family="vp")
+    pipe = SamplerPipeline(net, net.model_family(), sample_shape=(2, 1, 1))
+    table = {}
+    for name in SAMPLERS:
+        params = {"clip_sample": False} if "clip_sample" in SAMPLERS[name].defaults() else {}
+        for target in NFES:
+            try:
+                steps = steps_for_nfe(name, target, params)
+                out = pipe(name, steps, params, batch_size=n, seed=0, output_type="pt", dtype=torch.float64)
+            except ValueError as err:  # e.g. DDPM cannot take more than 1000 steps
+                table[name, target] = ("–", str(err))
+                continue
+            st = net.statistics(out.images)
+            w_err = float((st["weights"] - torch.tensor(WEIGHTS, dtype=torch.float64)).abs().max())
+            width = float((st["stds"] / torch.tensor(STDS, dtype=torch.float64) - 1).abs().max())
+            table[name, target] = (f"{w_err:.3f} / {width:.2f}", out.nfe)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    repeats = 3 if args.quick else 5
+    print(f"## Loop overhead (cpu-small UNet2DModel, batch 16, {torch.get_num_threads()} threads, median of {repeats})\n")
+    print("| sampler | NFE | loop time / (NFE × forward) | min | max |")
+    print("|---|---:|---:|---:|---:|")
+    for name, nfe, med, lo, hi in overhead_table(repeats):
+        print(f"| {name} | {nfe} | {med:.3f} | {lo:.3f} | {hi:.3f} |", flush=True)
+    if args.skip_accuracy:
+        return
+    n = 2000 if args.quick else 6000
+    print(f"\n## Accuracy on the exact-score mixture ({n} samples): max weight error / worst width error\n")
+    table = accuracy_table(n)
+    print("| sampler | " + " | ".join(f"NFE≈{t}" for t in NFES) + " |")
+    print("|---|" + "---|" * len(NFES))
+    for name in SAMPLERS:
+        cells = []
+        for t in NFES:
+            cell, nfe = table[name, t]
+            cells.append(cell if cell == "–" else f"{cell} ({nfe})")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
