@@ -206,10 +206,10 @@ def load_unet(info: CheckpointInfo, device="cpu", dtype=None):
     from diffusers import UNet2DModel
 
     try:
-        unet = UNet2DModel.from_pretrained(info.path / "unet", use_safetensors=True)
+        unet = UNet2DModel.from_pretrained(info.path / "unet", use_safetensors=True, torch_dtype=dtype or torch.float32)
     except Exception as err:
         raise CheckpointError(f"checkpoint: could not load the UNet of {info.source}: {err}") from err
-    unet = unet.to(device=torch.device(device), dtype=dtype or torch.float32)
+    unet = unet.to(device=torch.device(device))
     unet.eval().requires_grad_(False)
     return unet
 
