@@ -135,7 +135,7 @@ def build(extra_checkpoints=()) -> gr.Blocks:
         with gr.Row(equal_height=True):
             checkpoint = gr.Dropdown(choices=choices, value=default, allow_custom_value=True, scale=4, label="Checkpoint",
                                      info="a bundled model, a local checkpoint folder, or a Hub repo id (online only)")
-            load = gr.Button("Load", scale=1)
+            load = gr.Button("Load", scale=0, min_width=120)
         info = gr.Markdown()
         with gr.Tabs():
             with gr.Tab("Generate"):
@@ -160,7 +160,7 @@ def build(extra_checkpoints=()) -> gr.Blocks:
                     with gr.Column(scale=2):
                         status = gr.Markdown(elem_classes=["status-line"])
                         preview = gr.Image(label="Preview: x_t (left) · x̂₀ (right)", type="pil", format="png",
-                                           interactive=False, height=300)
+                                           interactive=False, height=340)
                         gallery = gr.Gallery(label="Samples", columns=8, format="png", height="auto")
                         with gr.Row():
                             grid_file = gr.File(label="Grid (PNG)")

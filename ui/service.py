@@ -201,7 +201,7 @@ def preview_image(x_t: torch.Tensor, x0_hat: torch.Tensor, nrow: int) -> Image.I
     canvas = Image.new(a.mode, (a.width + b.width + 6, max(a.height, b.height)), 255)
     canvas.paste(a, (0, 0))
     canvas.paste(b, (a.width + 6, 0))
-    return enlarge(canvas, 512)
+    return enlarge(canvas, 768)
 
 
 def _outdir() -> Path:
@@ -253,21 +253,29 @@ class Update:
     done: bool = False
 
 
-def generate(req: Request, previews: int = 12, cancel: Optional[threading.Event] = None) -> Iterator[Update]:
-    """Run one request, yielding about ``previews`` previews and then the final result.
+def generate(req: Request, previews: int = 24, cancel: Optional[threading.Event] = None,
+             interval: float = 0.4) -> Iterator[Update]:
+    """Run one request, yielding previews and then the final result.
 
-    The pipeline runs in a worker thread; if the consumer stops iterating (the user pressed
-    Cancel, or the page closed) ``cancel`` is set and the pipeline stops at its next step.
+    A preview is made every ``nfe / previews`` steps, or sooner when ``interval`` seconds have
+    passed, so a long run stays responsive. The pipeline runs in a worker thread; if the
+    consumer stops iterating (the user pressed Cancel, or the page closed) ``cancel`` is set
+    and the pipeline stops at its next step.
     """
     _threads()
     pipe = CACHE.get(req.checkpoint)
     cancel = cancel or threading.Event()
     events: queue.Queue = queue.Queue()
     every = max(1, req.nfe // max(1, previews))
-    nrow = min(8, req.batch_size)
+    nrow = max(1, math.ceil(math.sqrt(req.batch_size)))  # square grids: x_t and x̂₀ side by side
     frames: list = []
+    last = [time.perf_counter()]
 
     def on_step(i, n, x_t, x0_hat):
+        now = time.perf_counter()
+        if (i + 1) % every and i < n - 1 and now - last[0] < interval:
+            return
+        last[0] = now
         frame = preview_image(x_t, x0_hat, nrow)
         if len(frames) < 80:
             frames.append(frame.resize((frame.width // 2, frame.height // 2), Image.NEAREST))
@@ -277,7 +285,7 @@ def generate(req: Request, previews: int = 12, cancel: Optional[threading.Event]
         try:
             out = pipe(req.sampler, req.steps, req.params, batch_size=req.batch_size, seed=req.seed,
                        class_labels=req.class_label, guidance_scale=req.guidance_scale, output_type="pt",
-                       callback=on_step, callback_steps=every, should_stop=cancel.is_set)
+                       callback=on_step, callback_steps=1, should_stop=cancel.is_set)
             events.put(("done", out, 1.0))
         except SamplingCancelled:
             events.put(("cancelled", None, 0.0))
