@@ -144,6 +144,7 @@ def family_from_configs(scheduler_config: dict, unet_config: dict) -> tuple[Mode
         family = ModelFamily(
             kind="ve", prediction_type=lab.get("prediction_type", "score"), data_range=data_range,
             sigma_min=float(scheduler_config.get("sigma_min", 0.01)), sigma_max=float(scheduler_config.get("sigma_max", 1348.0)),
+            input_scaling=lab.get("input_scaling", "none"),
             num_class_embeds=num_class_embeds, null_class_label=lab.get("null_class_label"),
         )
         return family, ve_sampler_config(family)
@@ -217,6 +218,7 @@ def load_unet(info: CheckpointInfo, device="cpu", dtype=None):
 def scheduler_config_for(family: ModelFamily, sampler_config: dict, extra: Optional[dict] = None) -> dict:
     """The ``scheduler/scheduler_config.json`` this project writes for a model of ``family``."""
     lab = {"family": family.kind, "prediction_type": family.prediction_type, "data_range": list(family.data_range),
+           "input_scaling": family.input_scaling,
            "null_class_label": family.null_class_label, **(extra or {})}
     if family.kind == "ve":
         return {"_class_name": "ScoreSdeVeScheduler", "num_train_timesteps": 1000, "sigma_min": family.sigma_min,

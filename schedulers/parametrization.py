@@ -95,6 +95,9 @@ class ModelFamily:
         data_range: the pixel range the network was trained on; samplers work in [-1, 1]
             (diffusers' NCSN++ checkpoints use [0, 1]).
         sigma_min, sigma_max: the VE noise range the network was trained on (VE only).
+        input_scaling: VE only: ``"none"`` feeds x̃ as is (diffusers' NCSN++); ``"unit_variance"``
+            feeds c_in·x̃ with c_in = 1/√(1+σ²) (EDM's preconditioning, σ in network units), so a
+            small network never sees inputs of magnitude σ_max.
         num_class_embeds: size of the class-embedding table, or None for unconditional nets.
         null_class_label: the label used for the unconditional branch of classifier-free
             guidance (MATH.md §6), or None if the network was not trained with label dropout.
@@ -105,6 +108,7 @@ class ModelFamily:
     data_range: tuple = (-1.0, 1.0)
     sigma_min: Optional[float] = None
     sigma_max: Optional[float] = None
+    input_scaling: str = "none"
     num_class_embeds: Optional[int] = None
     null_class_label: Optional[int] = None
     extra: dict = field(default_factory=dict)
@@ -116,6 +120,8 @@ class ModelFamily:
         if self.prediction_type not in allowed:
             raise ValueError(f"a {self.kind.upper()} network's prediction_type must be one of {allowed}, "
                              f"got {self.prediction_type!r}")
+        if self.input_scaling not in ("none", "unit_variance"):
+            raise ValueError(f"input_scaling must be 'none' or 'unit_variance', got {self.input_scaling!r}")
         if self.kind == "ve" and not (self.sigma_min and self.sigma_max and 0 < self.sigma_min < self.sigma_max):
             raise ValueError("a VE network needs 0 < sigma_min < sigma_max")
 
@@ -188,8 +194,12 @@ class EpsilonNetwork:
         x_tilde = x_t / expand_like(alpha_t, x_t)
         c, b = self._pixel_scale, self._pixel_shift
         sigma_net = c * sigma  # the network's own pixel units: x' = c x + b, σ' = c σ
-        out = self._call_unet(c * x_tilde + b, sigma_net, class_labels)
-        return to_epsilon(out, self.family.prediction_type, c * x_tilde + b, 1.0, expand_like(sigma_net, x_t))
+        x_net = c * x_tilde + b
+        net_input = x_net
+        if self.family.input_scaling == "unit_variance":
+            net_input = x_net / expand_like((1 + sigma_net**2).sqrt(), x_t)  # c_in = 1/√(1+σ'²)
+        out = self._call_unet(net_input, sigma_net, class_labels)
+        return to_epsilon(out, self.family.prediction_type, x_net, 1.0, expand_like(sigma_net, x_t))
 
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, t, class_labels: Optional[torch.Tensor] = None, guidance_scale: float = 1.0):

@@ -52,11 +52,12 @@ def sample_sigmas(batch: int, sigma_min: float, sigma_max: float, generator: tor
 
 
 def ncsn_loss(unet, x_0: torch.Tensor, sigma_min: float, sigma_max: float, generator: torch.Generator,
-              num_levels: int | None = None, class_labels=None) -> torch.Tensor:
+              num_levels: int | None = None, class_labels=None, input_scaling: str = "none") -> torch.Tensor:
     """Denoising score matching with λ(σ) = σ²: E ‖σ s_θ(x₀ + σ ε, σ) + ε‖² (MATH.md §4).
 
     The network is a ``UNet2DModel`` with Fourier time embedding fed σ; diffusers divides its
     output by σ, so ``unet(...).sample`` is the score s_θ and σ·s_θ ≈ −ε is of unit scale.
+    With ``input_scaling="unit_variance"`` the network sees x̃/√(1+σ²) (EDM's c_in), not x̃.
     """
     b = x_0.shape[0]
     sigma = sample_sigmas(b, sigma_min, sigma_max, generator, num_levels).to(x_0.device)
@@ -64,5 +65,6 @@ def ncsn_loss(unet, x_0: torch.Tensor, sigma_min: float, sigma_max: float, gener
     sigma_ = sigma.to(x_0.dtype).view(b, 1, 1, 1)
     x_tilde = x_0 + sigma_ * epsilon  # perturbation x̃ = x + σ ε
     kwargs = {} if class_labels is None else {"class_labels": class_labels}
-    score = unet(x_tilde, sigma, **kwargs).sample
+    net_input = x_tilde / (1 + sigma_**2).sqrt() if input_scaling == "unit_variance" else x_tilde
+    score = unet(net_input, sigma, **kwargs).sample
     return F.mse_loss((sigma_ * score).float(), -epsilon.float())  # ‖σ s + ε‖², per dimension

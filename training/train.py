@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--sigma_max", type=float, default=50.0, help="ncsn: largest σ (≈ largest distance between images)")
     g.add_argument("--num_sigma_levels", type=int, default=0,
                    help="ncsn: train on this many geometric levels (NCSN); 0 = continuous log-uniform σ")
+    g.add_argument("--ncsn_input_scaling", choices=("unit_variance", "none"), default="unit_variance",
+                   help="ncsn: feed x̃/√(1+σ²) (EDM's c_in) or x̃ as is (diffusers' NCSN++)")
     g.add_argument("--fourier_scale", type=float, default=1.0,
                    help="ncsn: scale of the random Fourier features of log σ (diffusers' default 16 suits large nets)")
     g = p.add_argument_group("conditioning")
@@ -234,7 +236,8 @@ def main(argv=None) -> int:
         alphas_cumprod = schedule.alphas_cumprod.float().to(accelerator.device)
     else:
         family = ModelFamily(kind="ve", prediction_type="score", data_range=(-1.0, 1.0), sigma_min=args.sigma_min,
-                             sigma_max=args.sigma_max, num_class_embeds=num_class_embeds, null_class_label=null_label)
+                             sigma_max=args.sigma_max, input_scaling=args.ncsn_input_scaling,
+                             num_class_embeds=num_class_embeds, null_class_label=null_label)
         sampler_config = {}
 
     ema = None
@@ -357,7 +360,8 @@ def main(argv=None) -> int:
                 if args.objective == "ddpm":
                     loss = ddpm_loss(unet, x_0, alphas_cumprod, gen, args.prediction_type, class_labels)
                 else:
-                    loss = ncsn_loss(unet, x_0, args.sigma_min, args.sigma_max, gen, args.num_sigma_levels or None, class_labels)
+                    loss = ncsn_loss(unet, x_0, args.sigma_min, args.sigma_max, gen, args.num_sigma_levels or None, class_labels,
+                                     args.ncsn_input_scaling)
                 finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() == 1.0
                 if not finite:
                     hint = ("fp16 overflow: try --mixed_precision bf16 or no" if args.mixed_precision == "fp16" else
