@@ -1,0 +1,120 @@
+"""Evaluation: metrics on cases with known answers, the shipped classifier, the bundled
+checkpoints under every sampler, and the evaluate / table commands end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from evaluation.classifier import DEFAULT_PATH, accuracy, load_classifier
+from evaluation.evaluate import main as evaluate_main
+from evaluation.evaluate import real_digits
+from evaluation.metrics import class_histogram, frechet_distance, kernel_distance, precision_recall
+from evaluation.table import ROWS, run
+from pipelines import SamplerPipeline
+from pipelines.checkpoint import save_checkpoint
+from schedulers import SAMPLERS
+from schedulers.parametrization import ModelFamily
+from tests.conftest import tiny_unet
+from ui.service import BUNDLED
+
+G = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+
+
+def test_a_set_against_itself():
+    x = torch.randn(500, 16, generator=G(0), dtype=torch.float64)
+    assert abs(frechet_distance(x, x)) < 1e-6
+    assert precision_recall(x, x) == (1.0, 1.0)
+    kid, kid_std = kernel_distance(x, x)  # unbiased MMD² over random subsets: zero within its spread
+    assert abs(kid) < 3 * kid_std
+    y = torch.randn(500, 16, generator=G(1), dtype=torch.float64) + 1.0
+    kid_far, std_far = kernel_distance(x, y)
+    assert kid_far > 10 * std_far
+
+
+def test_two_gaussians_give_the_analytic_frechet_distance():
+    """N(μ₁, diag s₁²) vs N(μ₂, diag s₂²): ‖μ₁ − μ₂‖² + Σ_d (s₁ − s₂)²."""
+    d, n = 4, 40000
+    mu1, mu2 = torch.zeros(d), torch.tensor([1.0, -0.5, 0.0, 2.0])
+    s1, s2 = torch.tensor([1.0, 2.0, 0.5, 1.0]), torch.tensor([1.5, 1.0, 0.5, 0.2])
+    a = mu1 + s1 * torch.randn(n, d, generator=G(1))
+    b = mu2 + s2 * torch.randn(n, d, generator=G(2))
+    expected = float(((mu1 - mu2) ** 2).sum() + ((s1 - s2) ** 2).sum())
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=0.02)
+
+
+def test_precision_and_recall_see_missing_modes_and_outliers():
+    real = torch.cat([torch.randn(300, 2, generator=G(3)), torch.randn(300, 2, generator=G(4)) + 20])
+    half = torch.randn(300, 2, generator=G(5))  # covers one of the two real modes
+    precision, recall = precision_recall(real, half)
+    assert precision > 0.9 and 0.4 < recall < 0.6
+    far = torch.randn(300, 2, generator=G(6)) + 100
+    assert precision_recall(real, far) == (0.0, 0.0)
+
+
+def test_class_histogram():
+    assert class_histogram(torch.tensor([0, 0, 1, 9])) == [0.5, 0.25] + [0.0] * 7 + [0.25]
+
+
+def test_the_shipped_classifier_classifies_held_out_digits():
+    model = load_classifier()
+    x, y = real_digits("test", 1000)
+    acc = accuracy(model, x, y)
+    assert acc >= 0.97
+    reported = json.loads((DEFAULT_PATH / "metrics.json").read_text())["held_out_accuracy"]
+    assert acc == pytest.approx(reported, abs=1e-6)
+    noise = torch.rand(200, 1, 32, 32, generator=G(0)) * 2 - 1
+    assert accuracy(model, noise, torch.zeros(200, dtype=torch.long)) < 0.9  # not a constant "0" answer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", list(BUNDLED))
+def test_bundled_checkpoints_sample_under_every_sampler(label):
+    pipe = SamplerPipeline.from_pretrained(str(BUNDLED[label]))
+    assert pipe.info.sample_size == 32 and pipe.info.in_channels == 1
+    card = (BUNDLED[label] / "README.md").read_text()
+    assert "accelerate launch training/train.py" in card and "training time" in card and "final loss" in card
+    weights = BUNDLED[label] / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size < 8 * 2**20
+    for name in SAMPLERS:
+        kwargs = dict(class_labels=[3, 7], guidance_scale=3.0) if pipe.family.is_conditional else {}
+        steps = 3 if name != "langevin" else 2
+        images = pipe(name, steps, batch_size=2, seed=0, output_type="np", **kwargs).images
+        assert images.shape == (2, 32, 32, 1) and math.isfinite(float(images.sum()))
+
+
+@pytest.fixture(scope="module")
+def tiny_cond(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "cond"
+    save_checkpoint(path, tiny_unet(num_class_embeds=11), ModelFamily(kind="vp", num_class_embeds=11, null_class_label=10),
+                    dict(DDPMScheduler().config))
+    return str(path)
+
+
+def test_evaluate_command_end_to_end(tiny_cond, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert evaluate_main(["--checkpoint", tiny_cond, "--sampler", "ddim", "--steps", "3", "--num_samples", "40",
+                          "--batch_size", "16", "--class_conditional", "--guidance_scale", "2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "FID" in text and "real vs real" in text and "accuracy on requested digits" in text
+    report = json.loads(out.read_text())
+    assert report["report"]["num_samples"] == 40 and report["real_vs_real"]["num_samples"] == 40
+    assert report["report"]["fid"] > report["real_vs_real"]["fid"]  # an untrained network is worse than real digits
+
+
+def test_table_writes_markdown_csv_plot_and_resumes(tiny_cond, tmp_path):
+    out = tmp_path / "table"
+    rows = [r for r in ROWS if r[1] in ("ddim", "langevin")]
+    first = run(tiny_cond, 20, out, nfes=(5, 12), rows=rows, batch_size=20)
+    assert set(first["cells"]) == {f"{r[0]}|{n}" for r in rows for n in (5, 12)}
+    for suffix in (".md", ".csv", ".png", ".json"):
+        assert out.with_suffix(suffix).exists()
+    md = out.with_suffix(".md").read_text()
+    assert "DDIM η=1" in md and "real vs real" in md
+    before = out.with_suffix(".json").read_text()
+    run(tiny_cond, 20, out, nfes=(5, 12), rows=rows, batch_size=20)  # everything is cached: nothing recomputed
+    assert json.loads(out.with_suffix(".json").read_text())["cells"] == json.loads(before)["cells"]
