@@ -31,7 +31,7 @@ LAB_KEY = "_sampler_lab"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PICKLE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin", "diffusion_pytorch_model.ckpt")
 HUB_PATTERNS = ["model_index.json", "README.md", "training_args.json", "unet/config.json", f"unet/{WEIGHTS_NAME}",
-                "scheduler/scheduler_config.json"]
+                "scheduler/scheduler_config.json", "config.json", WEIGHTS_NAME, "scheduler_config.json"]
 DDPM_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
 
 
@@ -63,6 +63,7 @@ class CheckpointInfo:
     unet_config: dict
     scheduler_class: str
     training_args: dict = field(default_factory=dict)
+    unet_path: Optional[Path] = None  # the folder with the UNet's config.json and weights
 
     def describe(self) -> str:
         """One line for people: family, prediction type, resolution, conditioning."""
@@ -174,7 +175,10 @@ def inspect_checkpoint(source: str, allow_hub: bool = True, allowed_roots: Optio
     if not path.is_dir():
         raise CheckpointError(f"checkpoint: {source} is a file, not a checkpoint folder")
     unet_dir = path / "unet"
-    if not (path / "model_index.json").exists() and not unet_dir.exists():
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    if not unet_dir.exists() and (path / "config.json").exists() and (path / WEIGHTS_NAME).exists():
+        unet_dir, sched_file = path, path / "scheduler_config.json"  # flat layout: a UNet saved at the top level
+    if not (path / "model_index.json").exists() and not (unet_dir / "config.json").exists():
         raise CheckpointError(f"checkpoint: {source} is not a diffusers checkpoint (no model_index.json and no unet/ folder)")
     if not (unet_dir / "config.json").exists():
         raise CheckpointError(f"checkpoint: {source} has no UNet (expected unet/config.json)")
@@ -187,7 +191,6 @@ def inspect_checkpoint(source: str, allow_hub: bool = True, allowed_roots: Optio
     if unet_config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise CheckpointError(f"checkpoint: the UNet is a {unet_config.get('_class_name')}; this lab samples UNet2DModel "
                               "pixel-space models (latent or text-conditioned models are not supported)")
-    sched_file = path / "scheduler" / "scheduler_config.json"
     scheduler_config = _read_json(sched_file) if sched_file.exists() else {"_class_name": "DDPMScheduler"}
     family, sampler_config = family_from_configs(scheduler_config, unet_config)
     args_file = path / "training_args.json"
@@ -197,7 +200,7 @@ def inspect_checkpoint(source: str, allow_hub: bool = True, allowed_roots: Optio
         path=path, source=str(source), family=family, sampler_config=sampler_config, sample_size=int(sample_size),
         in_channels=int(unet_config.get("in_channels", 3)), unet_config=unet_config,
         scheduler_class=scheduler_config.get("_class_name", "DDPMScheduler"),
-        training_args=_read_json(args_file) if args_file.exists() else {},
+        training_args=_read_json(args_file) if args_file.exists() else {}, unet_path=unet_dir,
     )
 
 
@@ -207,7 +210,8 @@ def load_unet(info: CheckpointInfo, device="cpu", dtype=None):
     from diffusers import UNet2DModel
 
     try:
-        unet = UNet2DModel.from_pretrained(info.path / "unet", use_safetensors=True, torch_dtype=dtype or torch.float32)
+        unet = UNet2DModel.from_pretrained(info.unet_path or info.path / "unet", use_safetensors=True,
+                                           torch_dtype=dtype or torch.float32)
     except Exception as err:
         raise CheckpointError(f"checkpoint: could not load the UNet of {info.source}: {err}") from err
     unet = unet.to(device=torch.device(device))

@@ -72,6 +72,29 @@ def test_ve_network_sees_sigma_and_its_own_pixel_range(ncsnpp_checkpoint):
     assert float(seen["sample"].flatten()[0]) == pytest.approx((x_tilde + 1) / 2, rel=1e-5)
 
 
+def test_unit_variance_input_scaling_feeds_the_vp_state():
+    """This project's NCSN (pixels in [-1, 1], c_in = 1/√(1+σ²)) sees x̃/√(1+σ²) = x_t and σ."""
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def forward(self, sample, timestep, class_labels=None):
+            seen["sample"], seen["timestep"] = sample, timestep
+            return type("O", (), {"sample": -sample / timestep.view(-1, 1, 1, 1)})()
+
+    family = ModelFamily(kind="ve", prediction_type="score", data_range=(-1.0, 1.0), sigma_min=0.01, sigma_max=50.0,
+                         input_scaling="unit_variance")
+    pipe = SamplerPipeline(Spy(), family, sample_shape=(1, 2, 2))
+    net = EpsilonNetwork(pipe.unet, family, pipe.schedule)
+    x_t = torch.full((1, 1, 2, 2), 0.3)
+    t = torch.tensor(700.0)
+    eps = net(x_t, t)
+    sigma = float(pipe.schedule.t_to_sigma(t))
+    torch.testing.assert_close(seen["sample"], x_t)
+    assert float(seen["timestep"]) == pytest.approx(sigma, rel=1e-5)
+    # score = -x_t/σ  ⇒  ε = -σ·score = x_t
+    torch.testing.assert_close(eps, x_t)
+
+
 def test_finite_set_data_deterministic_samplers_land_on_training_images():
     """MATH.md §8: with the exact denoiser of a finite set, deterministic samplers end on a y_i."""
     g = torch.Generator().manual_seed(0)
@@ -221,6 +244,16 @@ def test_checkpoint_errors(tmp_path, ddpm_checkpoint):
         inspect_checkpoint(str(mixed))
     with pytest.raises(CheckpointError, match="outside"):
         inspect_checkpoint(str(ddpm_checkpoint), allowed_roots=[str(tmp_path / "elsewhere")])
+
+
+def test_flat_layout_loads(tmp_path):
+    """Some Hub repos keep the UNet's config.json and weights at the top, beside scheduler_config.json."""
+    unet = tiny_unet()
+    unet.save_pretrained(tmp_path / "flat")
+    DDPMScheduler(prediction_type="sample").save_pretrained(tmp_path / "flat")
+    pipe = SamplerPipeline.from_pretrained(str(tmp_path / "flat"))
+    assert pipe.family.prediction_type == "sample"
+    assert pipe("ddim", 2, batch_size=1, seed=0, output_type="np").images.shape == (1, 8, 8, 1)
 
 
 def test_hub_ids_fail_cleanly_offline(monkeypatch):
