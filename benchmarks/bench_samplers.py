@@ -91,16 +91,16 @@ def accuracy_table(n: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--only", choices=("overhead", "accuracy"), default=None, help="run one of the two tables")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     repeats = 3 if args.quick else 5
-    print(f"## Loop overhead (cpu-small UNet2DModel, batch 16, {torch.get_num_threads()} threads, median of {repeats})\n")
-    print("| sampler | NFE | loop time / (NFE × forward) | min | max |")
-    print("|---|---:|---:|---:|---:|")
-    for name, nfe, med, lo, hi in overhead_table(repeats):
-        print(f"| {name} | {nfe} | {med:.3f} | {lo:.3f} | {hi:.3f} |", flush=True)
-    if args.skip_accuracy:
+    if args.only != "accuracy":
+        print(f"## Loop overhead (cpu-small UNet2DModel, batch 16, {torch.get_num_threads()} threads, median of {repeats})\n")
+        print("| sampler | NFE | loop time / (NFE × forward) | min | max |")
+        print("|---|---:|---:|---:|---:|")
+        for name, nfe, med, lo, hi in overhead_table(repeats):
+            print(f"| {name} | {nfe} | {med:.3f} | {lo:.3f} | {hi:.3f} |", flush=True)
+    if args.only == "overhead":
         return
     n = 2000 if args.quick else 6000
     print(f"\n## Accuracy on the exact-score mixture ({n} samples): max weight error / worst width error\n")

@@ -10,7 +10,8 @@ import torch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .schedules import DiscreteVPSchedule
+from .parametrization import epsilon_to_x0, to_epsilon
+from .schedules import VPSDE, DiscreteVPSchedule
 
 MAX_INFERENCE_STEPS = 100_000
 
@@ -74,5 +75,56 @@ class DDPMScheduleMixin:
     def _randn(sample: torch.Tensor, generator) -> torch.Tensor:
         return randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
 
+    def _finish(self, i: int, prev_sample, pred_original_sample, return_dict: bool):
+        """Advance the step counter and package ``step``'s result."""
+        self._step_index = i + 1
+        if not return_dict:
+            return prev_sample, pred_original_sample
+        return LabSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
     def __len__(self):
         return self.config.num_train_timesteps
+
+
+class VPSDEGridMixin(DDPMScheduleMixin):
+    """The time grid of the VP-SDE samplers: t_0 = 1 > t_1 > … > t_N = t_ε, Δt = −(1 − t_ε)/N, with
+    m(t), √(1 − m²) and β(t) of every ``timesteps`` entry computed once in ``set_timesteps``."""
+
+    def _init_sde(self):
+        self._init_schedule()
+        self.sde = VPSDE.from_config(self.config)
+        self.init_noise_sigma = 1.0  # prior N(0, I)
+        self.times = torch.zeros(0)
+
+    def _time_grid(self, num_inference_steps: int) -> torch.Tensor:
+        """Validate N and t_ε, set Δt and return the N + 1 grid times."""
+        self._check_num_inference_steps(num_inference_steps)
+        t_eps = self.config.sampling_eps
+        if not 0 < t_eps < 1:
+            raise ValueError(f"sampling_eps (t_ε) must be in (0, 1), got {t_eps}")
+        self.num_inference_steps = num_inference_steps
+        self.dt = -(1.0 - t_eps) / num_inference_steps  # Δt
+        return torch.linspace(1.0, t_eps, num_inference_steps + 1, dtype=torch.float64)  # t_0 = 1 … t_N = t_ε
+
+    def _set_entries(self, times: torch.Tensor, device) -> None:
+        """One ``timesteps`` entry per network evaluation, at the DDPM label t·(T−1)."""
+        self.times = times
+        self.timesteps = self.sde.label(times).float().to(device)
+        self._m = self.sde.mean_coeff(times).tolist()
+        self._std = self.sde.std(times).tolist()
+        self._beta = self.sde.beta(times).tolist()
+        self._step_index = None
+
+    def _epsilon_x0(self, model_output, sample, i: int):
+        """(ε̂, x̂₀) at entry i of the VP state ``sample``."""
+        m_t, std_t = self._m[i], self._std[i]
+        epsilon_hat = to_epsilon(model_output, self.config.prediction_type, sample, m_t, std_t)
+        return epsilon_hat, epsilon_to_x0(epsilon_hat, sample, m_t, std_t)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """The VP state is what a DDPM network takes: returned unchanged."""
+        return sample
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Forward marginal x_t = m(t) x₀ + √(1 − m²) z at the continuous time t = label/(T−1)."""
+        return self.sde.add_noise(original_samples, noise, timesteps)

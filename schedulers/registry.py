@@ -114,6 +114,12 @@ class SamplerSpec:
 _CLIP = Param("clip_sample", "bool", True, label="clip x̂₀",
               help="clip the denoised estimate x̂₀ to [-1, 1] at every step (images)")
 _T_EPS = Param("sampling_eps", "float", 1e-3, 1e-5, 0.1, label="t_ε", help="integration stops at t_ε instead of 0")
+_SNR = Param("snr", "float", 0.16, 0.001, 1.0, label="r (SNR)", help="corrector signal-to-noise ratio")
+
+
+def _corrector_steps(default: int) -> Param:
+    return Param("corrector_steps", "int", default, 0, 10, label="corrector steps",
+                 help="Langevin corrector steps per predictor step (predictor–corrector)")
 
 SAMPLERS: dict[str, SamplerSpec] = {
     spec.name: spec
@@ -163,10 +169,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             "vp_sde", "VP-SDE Euler–Maruyama", VPSDEScheduler,
             "Song et al. 2021: Euler–Maruyama on the reverse-time VP-SDE from t = 1 to t_ε, noise removed on the last step.",
             default_steps=1000,
-            params=(_T_EPS,
-                    Param("corrector_steps", "int", 0, 0, 10, label="corrector steps",
-                          help="Langevin corrector steps per predictor step (predictor–corrector)"),
-                    Param("snr", "float", 0.16, 0.001, 1.0, label="r (SNR)", help="corrector signal-to-noise ratio")),
+            params=(_T_EPS, _corrector_steps(0), _SNR),
             divergence_hint="use more steps, or lower the corrector SNR",
         ),
         SamplerSpec(
@@ -174,10 +177,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             "Song et al. 2021, Algorithm 2 with the Euler–Maruyama predictor: one Langevin corrector step "
             "(SNR-based step size) before every predictor step.",
             default_steps=500, config={"corrector_steps": 1},
-            params=(_T_EPS,
-                    Param("corrector_steps", "int", 1, 0, 10, label="corrector steps",
-                          help="Langevin corrector steps per predictor step"),
-                    Param("snr", "float", 0.16, 0.001, 1.0, label="r (SNR)", help="corrector signal-to-noise ratio")),
+            params=(_T_EPS, _corrector_steps(1), _SNR),
             divergence_hint="lower the corrector SNR (snr)",
         ),
         SamplerSpec(

@@ -9,7 +9,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .base import DDPMScheduleMixin, LabSchedulerOutput
+from .base import DDPMScheduleMixin
 from .parametrization import epsilon_to_score, expand_like, to_epsilon
 from .schedules import geometric_sigmas
 
@@ -149,10 +149,7 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
         else:
             z = self._randn(sample, generator)
             prev_sample = sample + alpha_i * score + math.sqrt(2.0 * alpha_i) * z  # Algorithm 1, line 6
-        self._step_index = i + 1
-        if not return_dict:
-            return prev_sample, pred_original_sample
-        return LabSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return self._finish(i, prev_sample, pred_original_sample, return_dict)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """SMLD perturbation x̃ = x₀ + σ_t z at the σ of each (fractional) timestep label."""

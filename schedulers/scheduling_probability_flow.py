@@ -8,14 +8,13 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .base import DDPMScheduleMixin, LabSchedulerOutput
-from .parametrization import epsilon_to_score, epsilon_to_x0, to_epsilon
-from .schedules import VPSDE
+from .base import VPSDEGridMixin
+from .parametrization import epsilon_to_score
 
 SOLVERS = ("euler", "heun")
 
 
-class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
+class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, VPSDEGridMixin):
     """Deterministic sampler: the probability-flow ODE dx/dt = f(x,t) − ½ g(t)² ∇log p_t(x) of the
     VP-SDE, whose solutions have the same marginals as the SDE (MATH.md §5).
 
@@ -56,44 +55,28 @@ class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
     ):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        self._init_schedule()
-        self.sde = VPSDE.from_config(self.config)
-        self.init_noise_sigma = 1.0
-        self.times = torch.zeros(0)
+        self._init_sde()
         self._x_i = None  # Heun: state and drift at the start of the current step
         self._d_i = None
 
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device] = None):
         """N ODE steps from t = 1 to t_ε: N (Euler) or 2N (Heun) evaluations, +1 with ``final_denoise``."""
-        self._check_num_inference_steps(num_inference_steps)
-        t_eps = self.config.sampling_eps
-        if not 0 < t_eps < 1:
-            raise ValueError(f"sampling_eps (t_ε) must be in (0, 1), got {t_eps}")
-        self.num_inference_steps = num_inference_steps
-        grid = torch.linspace(1.0, t_eps, num_inference_steps + 1, dtype=torch.float64)
-        self.dt = -(1.0 - t_eps) / num_inference_steps  # Δt
+        grid = self._time_grid(num_inference_steps)
         if self.config.solver == "heun":
-            self.times = torch.stack([grid[:-1], grid[1:]], dim=1).reshape(-1)  # t_0, t_1, t_1, t_2, …
+            times = torch.stack([grid[:-1], grid[1:]], dim=1).reshape(-1)  # t_0, t_1, t_1, t_2, …
         else:
-            self.times = grid[:-1]
-        self._num_ode_entries = len(self.times)
+            times = grid[:-1]
+        self._num_ode_entries = len(times)
         if self.config.final_denoise:
-            self.times = torch.cat([self.times, grid[-1:]])  # one more evaluation at t_ε
-        self.timesteps = self.sde.label(self.times).float().to(device)
-        self._m = self.sde.mean_coeff(self.times).tolist()  # per entry, computed once
-        self._std = self.sde.std(self.times).tolist()
-        self._beta = self.sde.beta(self.times).tolist()
-        self._step_index, self._x_i, self._d_i = None, None, None
-
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """The VP state is what a DDPM network takes: returned unchanged."""
-        return sample
+            times = torch.cat([times, grid[-1:]])  # one more evaluation at t_ε
+        self._set_entries(times, device)
+        self._x_i, self._d_i = None, None
 
     def _drift(self, model_output, sample, i: int):
-        m_t, std_t, beta_t = self._m[i], self._std[i], self._beta[i]
-        epsilon_hat = to_epsilon(model_output, self.config.prediction_type, sample, m_t, std_t)
-        drift = -0.5 * beta_t * sample - 0.5 * beta_t * epsilon_to_score(epsilon_hat, std_t)  # f − ½ g² s
-        return drift, epsilon_to_x0(epsilon_hat, sample, m_t, std_t)
+        beta_t = self._beta[i]
+        epsilon_hat, x0 = self._epsilon_x0(model_output, sample, i)
+        drift = -0.5 * beta_t * sample - 0.5 * beta_t * epsilon_to_score(epsilon_hat, self._std[i])  # f − ½ g² s
+        return drift, x0
 
     def step(
         self,
@@ -120,11 +103,4 @@ class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
         else:  # Heun, second stage: trapezoidal corrector
             prev_sample = self._x_i + 0.5 * (self._d_i + drift) * self.dt
             self._x_i, self._d_i = None, None
-        self._step_index = i + 1
-        if not return_dict:
-            return prev_sample, pred_original_sample
-        return LabSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Forward marginal x_t = m(t) x₀ + √(1 − m²) z at the continuous time t = label/(T−1)."""
-        return self.sde.add_noise(original_samples, noise, timesteps)
+        return self._finish(i, prev_sample, pred_original_sample, return_dict)

@@ -10,12 +10,11 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .base import DDPMScheduleMixin, LabSchedulerOutput
-from .parametrization import epsilon_to_score, epsilon_to_x0, to_epsilon
-from .schedules import VPSDE
+from .base import VPSDEGridMixin
+from .parametrization import epsilon_to_score
 
 
-class VPSDEScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
+class VPSDEScheduler(SchedulerMixin, ConfigMixin, VPSDEGridMixin):
     """Euler–Maruyama on the reverse VP-SDE, optionally as a predictor–corrector sampler.
 
     Forward SDE dx = -½ β(t) x dt + √β(t) dw, β(t) = β_min + t (β_max − β_min) with
@@ -55,37 +54,18 @@ class VPSDEScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
         corrector_steps: int = 0,
         snr: float = 0.16,
     ):
-        self._init_schedule()
-        self.sde = VPSDE.from_config(self.config)
-        self.init_noise_sigma = 1.0  # prior N(0, I)
-        self.times = torch.zeros(0)
+        self._init_sde()
 
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device] = None):
         """N predictor steps from t = 1 to t_ε; each preceded by ``corrector_steps`` corrector steps."""
-        self._check_num_inference_steps(num_inference_steps)
-        t_eps = self.config.sampling_eps
-        if not 0 < t_eps < 1:
-            raise ValueError(f"sampling_eps (t_ε) must be in (0, 1), got {t_eps}")
+        grid = self._time_grid(num_inference_steps)
         C = self.config.corrector_steps
         if C < 0:
             raise ValueError(f"corrector_steps must be ≥ 0, got {C}")
         if C and not self.config.snr > 0:
             raise ValueError(f"snr must be positive, got {self.config.snr}")
-        self.num_inference_steps = num_inference_steps
-        grid = torch.linspace(1.0, t_eps, num_inference_steps + 1, dtype=torch.float64)  # t_0 = 1 … t_N = t_ε
-        self.dt = -(1.0 - t_eps) / num_inference_steps  # Δt
-        self.times = grid[:-1].repeat_interleave(C + 1)
         self.is_corrector = torch.tensor(([True] * C + [False]) * num_inference_steps)
-        self.timesteps = self.sde.label(self.times).float().to(device)
-        # m(t), √(1-m²) and β(t) of every entry, computed once rather than in the sampling loop
-        self._m = self.sde.mean_coeff(self.times).tolist()
-        self._std = self.sde.std(self.times).tolist()
-        self._beta = self.sde.beta(self.times).tolist()
-        self._step_index = None
-
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """The VP state is what a DDPM network takes: returned unchanged."""
-        return sample
+        self._set_entries(grid[:-1].repeat_interleave(C + 1), device)
 
     def step(
         self,
@@ -102,11 +82,9 @@ class VPSDEScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
         """
         # x (sample): VP state | t: continuous time | β(t): g² | Δt < 0 | z: fresh N(0, I) | s: score
         i = self._current_index(timestep)
-        m_t, std_t, beta_t = self._m[i], self._std[i], self._beta[i]
-        epsilon_hat = to_epsilon(model_output, self.config.prediction_type, sample, m_t, std_t)
-        score = epsilon_to_score(epsilon_hat, std_t)  # s_θ = -ε̂/√(1-m²)
-        pred_original_sample = epsilon_to_x0(epsilon_hat, sample, m_t, std_t)
-        z = None
+        beta_t = self._beta[i]
+        epsilon_hat, pred_original_sample = self._epsilon_x0(model_output, sample, i)
+        score = epsilon_to_score(epsilon_hat, self._std[i])  # s_θ = -ε̂/√(1-m²)
         if bool(self.is_corrector[i]):
             z = self._randn(sample, generator)
             alpha_i = 1.0 - beta_t / self.schedule.num_train_timesteps  # α = 1 − β_discrete
@@ -124,11 +102,4 @@ class VPSDEScheduler(SchedulerMixin, ConfigMixin, DDPMScheduleMixin):
             else:
                 z = self._randn(sample, generator)
                 prev_sample = x_mean + math.sqrt(beta_t * abs(self.dt)) * z  # + g √|Δt| z
-        self._step_index = i + 1
-        if not return_dict:
-            return prev_sample, pred_original_sample
-        return LabSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Forward marginal x_t = m(t) x₀ + √(1 − m²) z at the continuous time t = label/(T−1)."""
-        return self.sde.add_noise(original_samples, noise, timesteps)
+        return self._finish(i, prev_sample, pred_original_sample, return_dict)
