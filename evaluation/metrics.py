@@ -1,7 +1,8 @@
 """Sample-quality statistics on feature vectors (MATH.md §7).
 
 FID and KID come from torchmetrics, fed features that were already extracted (the feature
-network runs once per image, possibly on another process); precision and recall follow
+network runs once per image, possibly on another process, and the features are already
+gathered, so the metrics never synchronise across processes themselves); precision and recall follow
 Kynkäänniemi et al. (2019) with k-nearest-neighbour manifolds, which torchmetrics lacks.
 """
 
@@ -26,7 +27,7 @@ class Precomputed(nn.Module):
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """‖μ_r − μ_f‖² + Tr(Σ_r + Σ_f − 2(Σ_r Σ_f)^½) of two feature sets ``[N, D]`` (torchmetrics' FID)."""
-    metric = FrechetInceptionDistance(feature=Precomputed(real.shape[1]), normalize=True)
+    metric = FrechetInceptionDistance(feature=Precomputed(real.shape[1]), normalize=True, sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     return float(metric.compute())
@@ -35,7 +36,8 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = 50, subset_size: int = 100) -> tuple[float, float]:
     """KID: the unbiased MMD² with a cubic polynomial kernel, mean and std over random subsets (torchmetrics)."""
     size = min(subset_size, len(real), len(fake))
-    metric = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subsets=subsets, subset_size=size, normalize=True)
+    metric = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subsets=subsets, subset_size=size, normalize=True,
+                                     sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     mean, std = metric.compute()

@@ -118,3 +118,30 @@ def test_table_writes_markdown_csv_plot_and_resumes(tiny_cond, tmp_path):
     before = out.with_suffix(".json").read_text()
     run(tiny_cond, 20, out, nfes=(5, 12), rows=rows, batch_size=20)  # everything is cached: nothing recomputed
     assert json.loads(out.with_suffix(".json").read_text())["cells"] == json.loads(before)["cells"]
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_generation(tiny_cond, tmp_path):
+    """Under ``accelerate launch`` each process samples its own batches; rank 0 gathers them all."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    args = ["-m", "evaluation.evaluate", "--checkpoint", tiny_cond, "--sampler", "ddim", "--steps", "3", "--num_samples", "40",
+            "--batch_size", "8", "--class_conditional"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two.json"
+    proc = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", *args, "--json", str(two)],
+                          cwd=root, env={**env, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("FID") == 1  # only rank 0 reports
+    one = tmp_path / "one.json"
+    assert evaluate_main([*args[2:], "--json", str(one)]) == 0
+    a, b = json.loads(one.read_text())["report"], json.loads(two.read_text())["report"]
+    assert b["num_samples"] == 40 and b["histogram"] == a["histogram"] and b["accuracy"] == a["accuracy"]
+    assert b["fid"] == pytest.approx(a["fid"], rel=1e-2)
