@@ -73,7 +73,7 @@ def accuracy_table(n: int) -> dict:
     pipe = SamplerPipeline(net, net.model_family(), sample_shape=(2, 1, 1))
     table = {}
     for name in SAMPLERS:
-        params = {"clip_sample": False} if "clip_sample" in SAMPLERS[name].defaults() else {}
+        params = {k: False for k in ("clip_sample", "thresholding") if k in SAMPLERS[name].defaults()}
         for target in NFES:
             try:
                 steps = steps_for_nfe(name, target, params)

@@ -10,7 +10,7 @@ import torch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .parametrization import epsilon_to_x0, to_epsilon
+from .parametrization import clip_denoised, epsilon_to_x0, to_epsilon
 from .schedules import VPSDE, DiscreteVPSchedule
 
 MAX_INFERENCE_STEPS = 100_000
@@ -119,6 +119,8 @@ class VPSDEGridMixin(DDPMScheduleMixin):
         """(ε̂, x̂₀) at entry i of the VP state ``sample``."""
         m_t, std_t = self._m[i], self._std[i]
         epsilon_hat = to_epsilon(model_output, self.config.prediction_type, sample, m_t, std_t)
+        if getattr(self.config, "clip_sample", False):
+            return clip_denoised(epsilon_hat, sample, m_t, std_t)
         return epsilon_hat, epsilon_to_x0(epsilon_hat, sample, m_t, std_t)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:

@@ -55,6 +55,16 @@ def epsilon_to_x0(epsilon: torch.Tensor, sample: torch.Tensor, alpha_t, sigma_t)
     return (sample - sigma_t * epsilon) / alpha_t
 
 
+def clip_denoised(epsilon: torch.Tensor, sample: torch.Tensor, alpha_t, sigma_t, limit: float = 1.0):
+    """Clip x̂₀ to [−limit, limit] and return the ε̂ consistent with it: (ε̂', x̂₀').
+
+    For images in [−1, 1]: a deterministic step then moves towards a valid image even where the
+    network's ε̂ is off (as diffusers' DDIM does with ``use_clipped_model_output``).
+    """
+    x0 = epsilon_to_x0(epsilon, sample, alpha_t, sigma_t).clamp(-limit, limit)
+    return (sample - alpha_t * x0) / sigma_t, x0
+
+
 def epsilon_to_score(epsilon: torch.Tensor, sigma_t) -> torch.Tensor:
     """∇ log p_t(x) = -ε/s (MATH.md §3)."""
     return -epsilon / sigma_t

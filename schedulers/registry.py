@@ -138,7 +138,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
             default_steps=50,
             config={"timestep_spacing": "leading", "set_alpha_to_one": True},
             params=(Param("eta", "float", 0.0, 0.0, 1.0, where="step", label="η",
-                          help="stochasticity: 0 = deterministic DDIM, 1 = DDPM-like"), _CLIP),
+                          help="stochasticity: 0 = deterministic DDIM, 1 = DDPM-like"), _CLIP,
+                    Param("use_clipped_model_output", "bool", True, where="step", label="ε from clipped x̂₀",
+                          help="recompute ε̂ from the clipped x̂₀ so the step stays consistent (keeps a small model "
+                               "from carrying its noise errors to the end)")),
             stochastic=True,
         ),
         SamplerSpec(
@@ -146,8 +149,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
             "Lu et al. 2022: second-order multistep solver of the probability-flow ODE in log-SNR time; good images "
             "in 15–25 steps (diffusers' implementation, for comparison).",
             default_steps=25,
-            config={"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-            params=(Param("solver_order", "int", 2, 1, 3, label="order", help="order of the multistep solver"),),
+            config={"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True, "sample_max_value": 1.0},
+            params=(Param("solver_order", "int", 2, 1, 3, label="order", help="order of the multistep solver"),
+                    Param("thresholding", "bool", True, label="clip x̂₀",
+                          help="threshold the data prediction x̂₀ to [-1, 1] (images)")),
             stochastic=False,
         ),
         SamplerSpec(
@@ -186,7 +191,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             "(2 evaluations a step) or Euler.",
             default_steps=100,
             params=(Param("solver", "choice", "heun", choices=("heun", "euler"), label="solver",
-                          help="Heun (2nd order, 2 NFE/step) or Euler"), _T_EPS,
+                          help="Heun (2nd order, 2 NFE/step) or Euler"), _T_EPS, _CLIP,
                     Param("final_denoise", "bool", True, label="final denoise",
                           help="end with Tweedie's x̂₀ at t_ε (one more evaluation)")),
             stochastic=False,

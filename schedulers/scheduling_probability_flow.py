@@ -36,6 +36,8 @@ class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, VPSDEGridMixin):
         solver: ``"euler"`` or ``"heun"``.
         sampling_eps: t_ε, the end of integration.
         final_denoise: finish with the Tweedie denoising step at t_ε (one extra evaluation).
+        clip_sample: clip x̂₀ to [−1, 1] at every evaluation and use the ε̂ consistent with it
+            (for images; keeps a network whose ε̂ is off at high noise on valid images).
     """
 
     order = 2
@@ -52,6 +54,7 @@ class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, VPSDEGridMixin):
         solver: str = "heun",
         sampling_eps: float = 1e-3,
         final_denoise: bool = True,
+        clip_sample: bool = False,
     ):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")

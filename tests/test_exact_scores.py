@@ -45,8 +45,9 @@ def make_pipeline(family: str) -> tuple[SamplerPipeline, GaussianMixtureNet]:
 def sample_stats(family: str, name: str, steps=None, params=None, n=N, seed=0) -> dict:
     pipe, net = make_pipeline(family)
     params = dict(params or {})
-    if "clip_sample" in SAMPLERS[name].defaults():
-        params["clip_sample"] = False  # mixture data is not confined to [-1, 1]
+    for key in ("clip_sample", "thresholding"):
+        if key in SAMPLERS[name].defaults():
+            params[key] = False  # mixture data is not confined to [-1, 1]
     out = pipe(name, num_inference_steps=steps, scheduler_params=params, batch_size=n, seed=seed,
                output_type="pt", dtype=torch.float64)
     return net.statistics(out.images)

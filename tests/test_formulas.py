@@ -162,3 +162,17 @@ def test_unadjusted_langevin_stationary_variance():
         x = x + alpha * (-x / v) + math.sqrt(2 * alpha) * torch.randn(x.shape, generator=g, dtype=torch.float64)
     assert float(x.var()) == pytest.approx(v / (1 - alpha / (2 * v)), rel=0.02)
     assert abs(float(x.var()) - v / (1 - alpha / (4 * v))) > 0.05
+
+
+def test_clip_denoised_returns_a_consistent_pair():
+    from schedulers.parametrization import clip_denoised
+
+    g = G(11)
+    x = 3 * torch.randn(64, dtype=torch.float64, generator=g)
+    eps = torch.randn(64, dtype=torch.float64, generator=g)
+    a, s = 0.3, (1 - 0.09) ** 0.5
+    eps_c, x0_c = clip_denoised(eps, x, a, s)
+    assert float(x0_c.abs().max()) <= 1.0
+    torch.testing.assert_close(a * x0_c + s * eps_c, x)  # the pair still explains the state
+    inside = epsilon_to_x0(eps, x, a, s).abs() <= 1
+    torch.testing.assert_close(eps_c[inside], eps[inside])  # untouched where x̂₀ was already valid
