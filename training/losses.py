@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from schedulers.parametrization import epsilon_to_v
+from schedulers.schedules import DiscreteVPSchedule, linear_betas_for_sigma_range
 
 
 def ddpm_loss(unet, x_0: torch.Tensor, alphas_cumprod: torch.Tensor, generator: torch.Generator,
@@ -41,18 +43,40 @@ def ddpm_loss(unet, x_0: torch.Tensor, alphas_cumprod: torch.Tensor, generator: 
     return F.mse_loss(prediction.float(), target.float())
 
 
+SIGMA_SAMPLING = ("log_uniform", "vp_uniform")
+
+
 def sample_sigmas(batch: int, sigma_min: float, sigma_max: float, generator: torch.Generator,
-                  num_levels: int | None = None) -> torch.Tensor:
-    """σ for each image: one of ``num_levels`` geometric levels (NCSN), or log-uniform when None."""
+                  num_levels: int | None = None, distribution: str = "log_uniform") -> torch.Tensor:
+    """σ for each image.
+
+    - ``num_levels``: one of that many geometric levels σ_1 > … > σ_L (NCSN);
+    - ``"log_uniform"``: log σ uniform on [log σ_min, log σ_max];
+    - ``"vp_uniform"``: σ_t at a uniformly drawn (fractional) label t of the linear DDPM schedule that
+      spans [σ_min, σ_max] — the noise levels DDPM training visits, which weights the middle and
+      high σ that shape a sample far more than log-uniform draws do.
+    """
     if num_levels:
         levels = torch.logspace(math.log10(sigma_max), math.log10(sigma_min), num_levels, dtype=torch.float64)
         return levels[torch.randint(0, num_levels, (batch,), generator=generator)].float()
     u = torch.rand(batch, generator=generator, dtype=torch.float64)
-    return torch.exp(math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min))).float()
+    if distribution == "log_uniform":
+        return torch.exp(math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min))).float()
+    if distribution == "vp_uniform":
+        schedule = _vp_schedule(sigma_min, sigma_max)
+        return schedule.t_to_sigma(u * (schedule.num_train_timesteps - 1)).float()
+    raise ValueError(f"sigma distribution must be one of {SIGMA_SAMPLING}, got {distribution!r}")
+
+
+@functools.lru_cache(maxsize=4)
+def _vp_schedule(sigma_min: float, sigma_max: float) -> DiscreteVPSchedule:
+    beta_start, beta_end = linear_betas_for_sigma_range(sigma_min, sigma_max)
+    return DiscreteVPSchedule(beta_start=beta_start, beta_end=beta_end)
 
 
 def ncsn_loss(unet, x_0: torch.Tensor, sigma_min: float, sigma_max: float, generator: torch.Generator,
-              num_levels: int | None = None, class_labels=None, input_scaling: str = "none") -> torch.Tensor:
+              num_levels: int | None = None, class_labels=None, input_scaling: str = "none",
+              sigma_distribution: str = "log_uniform") -> torch.Tensor:
     """Denoising score matching with λ(σ) = σ²: E ‖σ s_θ(x₀ + σ ε, σ) + ε‖² (MATH.md §4).
 
     The network is a ``UNet2DModel`` with Fourier time embedding fed σ; diffusers divides its
@@ -60,7 +84,7 @@ def ncsn_loss(unet, x_0: torch.Tensor, sigma_min: float, sigma_max: float, gener
     With ``input_scaling="unit_variance"`` the network sees x̃/√(1+σ²) (EDM's c_in), not x̃.
     """
     b = x_0.shape[0]
-    sigma = sample_sigmas(b, sigma_min, sigma_max, generator, num_levels).to(x_0.device)
+    sigma = sample_sigmas(b, sigma_min, sigma_max, generator, num_levels, sigma_distribution).to(x_0.device)
     epsilon = torch.randn(x_0.shape, generator=generator).to(x_0.device, x_0.dtype)
     sigma_ = sigma.to(x_0.dtype).view(b, 1, 1, 1)
     x_tilde = x_0 + sigma_ * epsilon  # perturbation x̃ = x + σ ε

@@ -64,7 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--sigma_min", type=float, default=0.01, help="ncsn: smallest σ (pixels in [-1, 1])")
     g.add_argument("--sigma_max", type=float, default=50.0, help="ncsn: largest σ (≈ largest distance between images)")
     g.add_argument("--num_sigma_levels", type=int, default=0,
-                   help="ncsn: train on this many geometric levels (NCSN); 0 = continuous log-uniform σ")
+                   help="ncsn: train on this many geometric levels (NCSN); 0 = continuous σ (--sigma_sampling)")
+    g.add_argument("--sigma_sampling", choices=("log_uniform", "vp_uniform"), default="log_uniform",
+                   help="ncsn: continuous σ log-uniform, or distributed as DDPM's uniform timesteps on the linear "
+                        "schedule spanning [sigma_min, sigma_max]")
     g.add_argument("--ncsn_input_scaling", choices=("unit_variance", "none"), default="unit_variance",
                    help="ncsn: feed x̃/√(1+σ²) (EDM's c_in) or x̃ as is (diffusers' NCSN++)")
     g.add_argument("--fourier_scale", type=float, default=1.0,
@@ -361,7 +364,7 @@ def main(argv=None) -> int:
                     loss = ddpm_loss(unet, x_0, alphas_cumprod, gen, args.prediction_type, class_labels)
                 else:
                     loss = ncsn_loss(unet, x_0, args.sigma_min, args.sigma_max, gen, args.num_sigma_levels or None, class_labels,
-                                     args.ncsn_input_scaling)
+                                     args.ncsn_input_scaling, args.sigma_sampling)
                 finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() == 1.0
                 if not finite:
                     hint = ("fp16 overflow: try --mixed_precision bf16 or no" if args.mixed_precision == "fp16" else
