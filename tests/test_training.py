@@ -216,3 +216,18 @@ def test_two_processes_stay_in_sync_and_only_rank0_writes(tmp_path, tiny_config)
                                                       "model.safetensors", "optimizer.bin", "random_states_0.pkl",
                                                       "random_states_1.pkl"]
     assert (out / "model" / "model_index.json").exists()
+
+
+@pytest.mark.parametrize("distribution", ["log_uniform", "vp_uniform"])
+def test_sigma_sampling_stays_in_range(distribution):
+    from training.losses import sample_sigmas
+
+    s = sample_sigmas(20000, 0.01, 50.0, torch.Generator().manual_seed(0), None, distribution).double()
+    assert float(s.min()) >= 0.01 * (1 - 1e-5) and float(s.max()) <= 50.0 * (1 + 1e-5)
+    median = float(s.median())
+    if distribution == "log_uniform":  # log σ uniform: the median is the geometric mean √(σ_min σ_max)
+        assert median == pytest.approx((0.01 * 50) ** 0.5, rel=0.05)
+    else:  # DDPM's uniform labels put most draws at σ ≥ 1
+        assert float((s >= 1).double().mean()) > 0.65
+    levels = sample_sigmas(1000, 0.01, 50.0, torch.Generator().manual_seed(0), num_levels=10)
+    assert len(levels.unique()) == 10
