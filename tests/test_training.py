@@ -226,7 +226,7 @@ def test_sigma_sampling_stays_in_range(distribution):
     assert float(s.min()) >= 0.01 * (1 - 1e-5) and float(s.max()) <= 50.0 * (1 + 1e-5)
     median = float(s.median())
     if distribution == "log_uniform":  # log σ uniform: the median is the geometric mean √(σ_min σ_max)
-        assert median == pytest.approx((0.01 * 50) ** 0.5, rel=0.05)
+        assert median == pytest.approx((0.01 * 50) ** 0.5, rel=0.12)  # s.e. of log-median ≈ 8.5/(2√N) = 3 %
     else:  # DDPM's uniform labels put most draws at σ ≥ 1
         assert float((s >= 1).double().mean()) > 0.65
     levels = sample_sigmas(1000, 0.01, 50.0, torch.Generator().manual_seed(0), num_levels=10)
