@@ -282,7 +282,7 @@ def main(argv=None) -> int:
     resolved = {**vars(args), "max_train_steps": max_steps, "num_processes": world, "unet_config": config,
                 "data_source": data.source, "num_train_images": len(data), "class_names": data.class_names if conditional else None}
 
-    def export_model(tag: str):
+    def export_model():
         """Write the EMA (or raw) weights as a diffusers checkpoint folder (main process only)."""
         model = accelerator.unwrap_model(unet)
         if ema is not None:
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
                 save_checkpoint(output_dir / "model", model, family, sampler_config, training_args=resolved,
                                 model_card=build_model_card(args, family, data, n_params, state, command),
                                 lab_extra={"class_names": data.class_names if conditional else None})
-            if main_proc and args.save_images_steps and tag != "final-only":
+            if main_proc and args.save_images_steps:
                 save_sample_grid(model, family, sampler_config, output_dir / "samples" / f"step-{state['step']:07d}.png",
                                  num_classes, accelerator)
         finally:
@@ -406,7 +406,7 @@ def main(argv=None) -> int:
         if args.checkpointing_steps and state["step"] % args.checkpointing_steps == 0 and state["step"] < max_steps:
             save_training_state()
             last_ckpt = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{state['step']}"
-            export_model("checkpoint")
+            export_model()
         elif args.save_images_steps and state["step"] % args.save_images_steps == 0 and main_proc:
             model = accelerator.unwrap_model(unet)
             save_sample_grid(model, family, sampler_config, output_dir / "samples" / f"step-{state['step']:07d}.png",
@@ -414,7 +414,7 @@ def main(argv=None) -> int:
     if progress is not None:
         progress.close()
     save_training_state()
-    export_model("final")
+    export_model()
     accelerator.end_training()
     digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in accelerator.unwrap_model(unet).parameters()))
     print(f"[rank {rank}] weights sha256 {digest.hexdigest()[:16]}", flush=True)
