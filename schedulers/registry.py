@@ -86,7 +86,6 @@ class SamplerSpec:
         steps_label: what ``num_inference_steps`` counts for this sampler.
         config: fixed config overrides applied on top of the checkpoint's schedule.
         params: user-facing parameters.
-        stochastic: whether the same seed is needed to repeat a result.
         divergence_hint: what to lower when the sample turns non-finite.
     """
 
@@ -98,7 +97,6 @@ class SamplerSpec:
     steps_label: str = "steps"
     config: dict = field(default_factory=dict)
     params: tuple = ()
-    stochastic: bool = True
     divergence_hint: str = "use more steps"
 
     def param(self, name: str) -> Param:
@@ -121,6 +119,7 @@ def _corrector_steps(default: int) -> Param:
     return Param("corrector_steps", "int", default, 0, 10, label="corrector steps",
                  help="Langevin corrector steps per predictor step (predictor–corrector)")
 
+
 SAMPLERS: dict[str, SamplerSpec] = {
     spec.name: spec
     for spec in (
@@ -142,7 +141,6 @@ SAMPLERS: dict[str, SamplerSpec] = {
                     Param("use_clipped_model_output", "bool", True, where="step", label="ε from clipped x̂₀",
                           help="recompute ε̂ from the clipped x̂₀ so the step stays consistent (keeps a small model "
                                "from carrying its noise errors to the end)")),
-            stochastic=True,
         ),
         SamplerSpec(
             "dpmsolver++", "DPM-Solver++ (2M)", DPMSolverMultistepScheduler,
@@ -153,7 +151,6 @@ SAMPLERS: dict[str, SamplerSpec] = {
             params=(Param("solver_order", "int", 2, 1, 3, label="order", help="order of the multistep solver"),
                     Param("thresholding", "bool", True, label="clip x̂₀",
                           help="threshold the data prediction x̂₀ to [-1, 1] (images)")),
-            stochastic=False,
         ),
         SamplerSpec(
             "langevin", "Annealed Langevin (SMLD/NCSN)", AnnealedLangevinScheduler,
@@ -194,7 +191,6 @@ SAMPLERS: dict[str, SamplerSpec] = {
                           help="Heun (2nd order, 2 NFE/step) or Euler"), _T_EPS, _CLIP,
                     Param("final_denoise", "bool", True, label="final denoise",
                           help="end with Tweedie's x̂₀ at t_ε (one more evaluation)")),
-            stochastic=False,
         ),
     )
 }
