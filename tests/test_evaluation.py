@@ -145,3 +145,14 @@ def test_two_processes_share_the_generation(tiny_cond, tmp_path):
     a, b = json.loads(one.read_text())["report"], json.loads(two.read_text())["report"]
     assert b["num_samples"] == 40 and b["histogram"] == a["histogram"] and b["accuracy"] == a["accuracy"]
     assert b["fid"] == pytest.approx(a["fid"], rel=1e-2)
+
+
+def test_sampler_grid_command(tiny_cond, tmp_path):
+    from PIL import Image
+
+    from evaluation.sampler_grid import main as grid_main
+
+    out = tmp_path / "grid.png"
+    assert grid_main(["--checkpoint", tiny_cond, "--out", str(out), "--samplers", "ddim,pf_ode", "--num_images", "4"]) == 0
+    img = Image.open(out)
+    assert img.width > img.height > 100  # two labelled rows of four enlarged images

@@ -375,9 +375,12 @@ def compare(checkpoint, samplers, steps_text, seed, batch_size=4, digit=None, gu
     return labelled_grid(cells, ncol=len(steps_list)), rows
 
 
-def labelled_grid(cells: list, ncol: int) -> Image.Image:
-    """Tile (label, image) cells with the label written above each."""
-    scaled = [(label, enlarge(img, 64 * max(1, img.width // img.height))) for label, img in cells]
+def labelled_grid(cells: list, ncol: int, cell_height: int = 72) -> Image.Image:
+    """Tile (label, image) cells with the label written above each; images enlarged to about ``cell_height``."""
+    scaled = []
+    for label, img in cells:
+        k = max(1, round(cell_height / img.height))
+        scaled.append((label, img.resize((img.width * k, img.height * k), Image.NEAREST)))
     w = max(img.width for _, img in scaled)
     h = max(img.height for _, img in scaled) + 16
     nrows = -(-len(scaled) // ncol)
