@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from pipelines import CheckpointError, SamplerPipeline, SamplingCancelled, SamplingDivergedError, make_grid
 from pipelines.sampling import to_uint8
@@ -375,13 +375,23 @@ def compare(checkpoint, samplers, steps_text, seed, batch_size=4, digit=None, gu
     return labelled_grid(cells, ncol=len(steps_list)), rows
 
 
+def _label_font():
+    """DejaVu Sans where the system has it (it has every glyph of our labels), else Pillow's own font."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", 11), True
+    except OSError:
+        return ImageFont.load_default(), False  # lacks the en dash: labels fall back to "-"
+
+
 def labelled_grid(cells: list, ncol: int, cell_height: int = 72) -> Image.Image:
     """Tile (label, image) cells with the label written above each; images enlarged to about ``cell_height``."""
     scaled = []
     for label, img in cells:
         k = max(1, round(cell_height / img.height))
         scaled.append((label, img.resize((img.width * k, img.height * k), Image.NEAREST)))
-    w = max(img.width for _, img in scaled)
+    font, has_dash = _label_font()
+    scaled = [(label if has_dash else label.replace("–", "-"), img) for label, img in scaled]
+    w = max(max(img.width, int(font.getlength(label)) + 2) for label, img in scaled)
     h = max(img.height for _, img in scaled) + 16
     nrows = -(-len(scaled) // ncol)
     canvas = Image.new("RGB", (ncol * (w + 8) + 8, nrows * (h + 8) + 8), "white")
@@ -389,7 +399,7 @@ def labelled_grid(cells: list, ncol: int, cell_height: int = 72) -> Image.Image:
     for k, (label, img) in enumerate(scaled):
         r, c = divmod(k, ncol)
         x, y = 8 + c * (w + 8), 8 + r * (h + 8)
-        draw.text((x, y), label, fill="black")
+        draw.text((x, y), label, fill="black", font=font)
         canvas.paste(img.convert("RGB"), (x, y + 16))
     return canvas
 
