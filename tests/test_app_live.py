@@ -125,6 +125,9 @@ def test_browser_generates_images(app_url, tmp_path):
         steps.fill("12")
         steps.press("Enter")
         page.get_by_text("12 network evaluations").wait_for(timeout=10_000)
+        # ask for one digit of the class-conditional model
+        page.get_by_label("Digit").click()
+        page.get_by_role("option", name="7", exact=True).click()
         page.get_by_role("button", name="Generate", exact=True).click()
         status = page.get_by_text("NFE 12")
         status.wait_for(timeout=120_000)
