@@ -12,9 +12,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from .scheduling_annealed_langevin import AnnealedLangevinScheduler
+from .scheduling_dpmsolver_clipped import ClippedDPMSolverMultistepScheduler
 from .scheduling_probability_flow import ProbabilityFlowScheduler
 from .scheduling_vp_sde import VPSDEScheduler
 
@@ -143,7 +144,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
                                "from carrying its noise errors to the end)")),
         ),
         SamplerSpec(
-            "dpmsolver++", "DPM-Solver++ (2M)", DPMSolverMultistepScheduler,
+            "dpmsolver++", "DPM-Solver++ (2M)", ClippedDPMSolverMultistepScheduler,
             "Lu et al. 2022: second-order multistep solver of the probability-flow ODE in log-SNR time; good images "
             "in 15–25 steps (diffusers' implementation, for comparison).",
             default_steps=25,

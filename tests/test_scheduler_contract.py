@@ -179,3 +179,27 @@ def test_registry_rejects_parameters_that_do_not_apply():
         create_scheduler("ddim", params={"eta": 3.0})
     with pytest.raises(ValueError, match="unknown sampler"):
         create_scheduler("euler-a")
+
+
+@pytest.mark.parametrize("sample_max_value", [1.0, 1.5])
+def test_clipped_dpmsolver_matches_diffusers(sample_max_value):
+    """The registry's DPM-Solver++ skips the quantile only where it cannot change the result."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from schedulers.scheduling_dpmsolver_clipped import ClippedDPMSolverMultistepScheduler
+
+    config = dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True, thresholding=True,
+                  sample_max_value=sample_max_value)
+    ours, theirs = ClippedDPMSolverMultistepScheduler(**config), DPMSolverMultistepScheduler(**config)
+    ours.set_timesteps(12)
+    theirs.set_timesteps(12)
+    torch.manual_seed(0)
+    x_ours = x_theirs = torch.randn(4, 1, 8, 8) * ours.init_noise_sigma
+    clipped = 0
+    for t in ours.timesteps:
+        model_output = torch.randn(4, 1, 8, 8) * 1.5  # loud enough that x̂₀ leaves [-1, 1]
+        a, b = ours.step(model_output, t, x_ours), theirs.step(model_output, t, x_theirs)
+        x_ours, x_theirs = a.prev_sample, b.prev_sample
+        clipped += int((ours.model_outputs[-1].abs() >= 1).any())
+        torch.testing.assert_close(x_ours, x_theirs, rtol=1e-6, atol=1e-6)
+    assert clipped > 0  # the clipping path really ran
