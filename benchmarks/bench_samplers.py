@@ -70,16 +70,14 @@ def overhead_table(repeats: int, nfe_target: int = 30) -> list[tuple]:
     rows = []
     for name in SAMPLERS:
         steps = steps_for_nfe(name, nfe_target)
-        ratios, nfe, per_forward = [], 0, []
+        nfe = pipe(name, steps, batch_size=1, seed=0, output_type="pt").nfe  # also warms the sampler up
+        ratios, per_forward = [], []
         for r in range(repeats):  # interleaved, alternating which goes first
-            first_loop = r % 2 == 0
-            if not first_loop:
-                ideal = forwards(nfe or nfe_target)
-            out = pipe(name, steps, batch_size=16, seed=r, output_type="pt")
-            nfe = out.nfe
-            if first_loop:
+            if r % 2:
                 ideal = forwards(nfe)
-            ideal *= nfe / (nfe or nfe_target)
+            out = pipe(name, steps, batch_size=16, seed=r, output_type="pt")
+            if r % 2 == 0:
+                ideal = forwards(nfe)
             ratios.append(out.seconds / ideal)
             per_forward.append(ideal / nfe)
         loop_only = statistics.median(

@@ -165,3 +165,16 @@ def test_bundled_checkpoints_load_and_sample():
         req = service.make_request(label, "ddim", 5, {}, 0, 2, "7" if summary["conditional"] else None, 3.0)
         final = service.generate_blocking(req)
         assert final.images and len(final.images) == 2
+
+
+def test_labelled_grid_fits_long_labels_on_small_images():
+    from PIL import Image, ImageDraw
+
+    from ui.service import _label_font, labelled_grid
+
+    label = "VP-SDE Euler–Maruyama · NFE 1000 · 12.3s"
+    grid = labelled_grid([(label, Image.new("L", (32, 32), 255)), ("DDIM", Image.new("L", (32, 32), 255))], ncol=2)
+    font, has_dash = _label_font()
+    text_width = ImageDraw.Draw(grid).textlength(label if has_dash else label.replace("–", "-"), font=font)
+    assert grid.width >= 2 * text_width  # both cells as wide as the longest label, so no label is cut
+    assert grid.height >= 64 + 16  # images enlarged (nearest neighbour) to about 72 px, label above

@@ -7,6 +7,7 @@ values, so the tests call them directly.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import queue
@@ -375,6 +376,7 @@ def compare(checkpoint, samplers, steps_text, seed, batch_size=4, digit=None, gu
     return labelled_grid(cells, ncol=len(steps_list)), rows
 
 
+@functools.lru_cache(maxsize=1)
 def _label_font():
     """DejaVu Sans where the system has it (it has every glyph of our labels), else Pillow's own font."""
     try:
