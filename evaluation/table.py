@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
@@ -47,14 +50,16 @@ def run(checkpoint: str, num_samples: int, out: Path, nfes=NFES, rows=ROWS, seed
     out.parent.mkdir(parents=True, exist_ok=True)
     store = out.with_suffix(".json")
     results = json.loads(store.read_text()) if store.exists() else {}
-    meta = {"checkpoint": checkpoint, "num_samples": num_samples, "seed": seed, "class_conditional": class_conditional,
-            "guidance_scale": guidance_scale}
+    pipe = SamplerPipeline.from_pretrained(checkpoint, device=accelerator.device if accelerator else "cpu")
+    # the weights' digest, so a cached table is never resumed on a checkpoint retrained in place
+    meta = {"checkpoint": checkpoint, "weights_sha256": weights_digest(pipe.unet), "num_samples": num_samples,
+            "seed": seed, "class_conditional": class_conditional, "guidance_scale": guidance_scale}
     if results.get("meta", meta) != meta:
-        raise SystemExit(f"{store} holds a table made with other settings {results['meta']}; use another --out")
+        raise SystemExit(f"{store} holds a table made with other weights or settings {results['meta']}; "
+                         "delete it or use another --out")
     results["meta"] = meta
     cells = results.setdefault("cells", {})
     main_proc = accelerator is None or accelerator.is_main_process
-    pipe = SamplerPipeline.from_pretrained(checkpoint, device=accelerator.device if accelerator else "cpu")
     features = FeatureNet() if main_proc else None
     if main_proc:
         ref_feats, ref = reference(features, min(num_samples, 1000))
@@ -82,6 +87,15 @@ def run(checkpoint: str, num_samples: int, out: Path, nfes=NFES, rows=ROWS, seed
         store.write_text(json.dumps(results, indent=2) + "\n")
         write_outputs(results, out, nfes, rows)
     return results
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """The first 16 hex digits of the SHA-256 of a network's parameters and buffers."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def write_outputs(results: dict, out: Path, nfes=NFES, rows=ROWS) -> None:

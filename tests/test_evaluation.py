@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DModel
 
 from evaluation.classifier import DEFAULT_PATH, accuracy, load_classifier
 from evaluation.evaluate import main as evaluate_main
@@ -118,6 +119,21 @@ def test_table_writes_markdown_csv_plot_and_resumes(tiny_cond, tmp_path):
     before = out.with_suffix(".json").read_text()
     run(tiny_cond, 20, out, nfes=(5, 12), rows=rows, batch_size=20)  # everything is cached: nothing recomputed
     assert json.loads(out.with_suffix(".json").read_text())["cells"] == json.loads(before)["cells"]
+
+
+def test_table_refuses_to_resume_on_other_weights(tiny_cond, tmp_path):
+    """A checkpoint retrained in place keeps its path; its cached cells must not be reused."""
+    folder = tmp_path / "ck"
+    shutil.copytree(tiny_cond, folder)
+    out = tmp_path / "table"
+    rows = [r for r in ROWS if r[1] == "ddim"][:1]
+    run(str(folder), 20, out, nfes=(5,), rows=rows, batch_size=20)
+    unet = UNet2DModel.from_pretrained(folder / "unet")
+    with torch.no_grad():
+        unet.conv_out.bias.add_(0.1)
+    unet.save_pretrained(folder / "unet")
+    with pytest.raises(SystemExit, match="other weights"):
+        run(str(folder), 20, out, nfes=(5,), rows=rows, batch_size=20)
 
 
 @pytest.mark.slow
