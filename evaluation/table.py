@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
 from evaluation.evaluate import FeatureNet, reference, sample_images, statistics  # noqa: E402
+from pipelines.checkpoint import weights_digest  # noqa: E402
 from schedulers.registry import steps_for_nfe  # noqa: E402
 
 ROWS = [
@@ -87,15 +85,6 @@ def run(checkpoint: str, num_samples: int, out: Path, nfes=NFES, rows=ROWS, seed
         store.write_text(json.dumps(results, indent=2) + "\n")
         write_outputs(results, out, nfes, rows)
     return results
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """The first 16 hex digits of the SHA-256 of a network's parameters and buffers."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def write_outputs(results: dict, out: Path, nfes=NFES, rows=ROWS) -> None:

@@ -15,6 +15,7 @@ keys that start with ``_``) recording the family, pixel range and the null label
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,6 +24,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 from schedulers.parametrization import ModelFamily
 from schedulers.schedules import SUPPORTED_BETA_SCHEDULES, linear_betas_for_sigma_range
@@ -275,3 +278,12 @@ def save_checkpoint(folder, unet, family: ModelFamily, sampler_config: dict, tra
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """The first 16 hex digits of the SHA-256 of a network's parameters and buffers."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

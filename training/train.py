@@ -24,7 +24,6 @@ at every checkpoint.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -184,7 +183,7 @@ def main(argv=None) -> int:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from pipelines.checkpoint import save_checkpoint
+    from pipelines.checkpoint import save_checkpoint, weights_digest
     from schedulers.parametrization import ModelFamily
     from schedulers.schedules import DiscreteVPSchedule
 
@@ -416,8 +415,7 @@ def main(argv=None) -> int:
     save_training_state()
     export_model()
     accelerator.end_training()
-    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in accelerator.unwrap_model(unet).parameters()))
-    print(f"[rank {rank}] weights sha256 {digest.hexdigest()[:16]}", flush=True)
+    print(f"[rank {rank}] weights sha256 {weights_digest(accelerator.unwrap_model(unet))}", flush=True)
     say(f"done: {state['step']} steps, loss {state['loss_ema']:.4f}, model in {output_dir / 'model'}")
     return 0
 
