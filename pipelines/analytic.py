@@ -1,4 +1,4 @@
-"""Networks whose outputs are exact, for testing and benchmarking samplers (MATH.md §8).
+"""Networks whose outputs are exact, for testing and benchmarking samplers (docs/exact-scores.md).
 
 When the data is a Gaussian mixture, or a finite set of images, the noised data's score has a
 closed form. These modules compute it (in float64) behind the same call signature as
@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from diffusers.utils import BaseOutput
 
-from schedulers.parametrization import ModelFamily
+from schedulers.parametrization import ModelFamily, epsilon_to_score, vp_scales, x0_to_epsilon
 from schedulers.schedules import DiscreteVPSchedule
 
 
@@ -45,8 +45,7 @@ class _AnalyticNet(torch.nn.Module):
         t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).cpu()
         t = t.expand(batch) if t.numel() == 1 else t
         if self.family == "vp":
-            alpha_bar = self.schedule.alpha_bar_at(t)
-            return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+            return vp_scales(self.schedule.alpha_bar_at(t))
         return torch.ones_like(t), t
 
     def forward(self, sample, timestep, class_labels=None, return_dict: bool = True):
@@ -54,7 +53,7 @@ class _AnalyticNet(torch.nn.Module):
         x = sample.detach().to(torch.float64).cpu().flatten(1)  # [B, d]
         a, s = self._scales(timestep, x.shape[0])
         epsilon = self.epsilon(x, a[:, None], s[:, None])  # E[ε | x]
-        out = epsilon if self.family == "vp" else -epsilon / s[:, None]  # VE nets output the score
+        out = epsilon if self.family == "vp" else epsilon_to_score(epsilon, s[:, None])  # VE nets output the score
         out = out.reshape(sample.shape).to(sample.device, sample.dtype)
         return _Output(sample=out) if return_dict else (out,)
 
@@ -70,7 +69,7 @@ class _AnalyticNet(torch.nn.Module):
 
 
 class GaussianMixtureNet(_AnalyticNet):
-    """Exact denoiser of x₀ ~ Σ_k w_k N(μ_k, s_k² I) (MATH.md §8).
+    """Exact denoiser of x₀ ~ Σ_k w_k N(μ_k, s_k² I) (docs/exact-scores.md).
 
     With x = a x₀ + s ε, v_k = a² s_k² + s² and responsibilities
     r_k(x) = softmax_k[log w_k − (d/2) log v_k − ‖x − a μ_k‖²/(2 v_k)], the exact prediction is
@@ -99,7 +98,7 @@ class GaussianMixtureNet(_AnalyticNet):
         return self.means.shape[1]
 
     def responsibilities(self, x, a, s):
-        """r_k(x), shape ``[B, K]`` (MATH.md §8)."""
+        """r_k(x), shape ``[B, K]`` (docs/exact-scores.md)."""
         d = x.shape[1]
         v = a**2 * self.stds[None] ** 2 + s**2  # [B, K]
         sq = ((x[:, None, :] - a[:, :, None] * self.means[None]) ** 2).sum(-1)  # ‖x − a μ_k‖²
@@ -138,7 +137,7 @@ class GaussianMixtureNet(_AnalyticNet):
 
 
 class FiniteSetNet(_AnalyticNet):
-    """Exact denoiser of data that is a finite set of images {y_i} with equal weights (MATH.md §8):
+    """Exact denoiser of data that is a finite set of images {y_i} with equal weights (docs/exact-scores.md):
     x̂₀ = Σ_i softmax_i(−‖x − a y_i‖²/(2 s²)) y_i, and ε = (x − a x̂₀)/s.
 
     Deterministic samplers driven by it end on (or very near) one of the y_i.
@@ -154,4 +153,4 @@ class FiniteSetNet(_AnalyticNet):
         return r @ self.images
 
     def epsilon(self, x, a, s):
-        return (x - a * self.denoise(x, a, s)) / s
+        return x0_to_epsilon(self.denoise(x, a, s), x, a, s)

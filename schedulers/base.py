@@ -1,12 +1,16 @@
 """What the custom schedulers share: the DDPM schedule they are configured from, the step
-counter for timesteps that repeat, and the output type of ``step``."""
+counter for timesteps that repeat, the list of compatible schedulers, and the output type of
+``step``."""
 
 from __future__ import annotations
 
+import importlib
+import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -14,6 +18,50 @@ from .parametrization import clip_denoised, epsilon_to_x0, to_epsilon
 from .schedules import VPSDE, DiscreteVPSchedule
 
 MAX_INFERENCE_STEPS = 100_000
+
+# This project's schedulers, by class name → the module of this package that defines it.
+LAB_SCHEDULERS = {
+    "AnnealedLangevinScheduler": "scheduling_annealed_langevin",
+    "VPSDEScheduler": "scheduling_vp_sde",
+    "ProbabilityFlowScheduler": "scheduling_probability_flow",
+    "ClippedDPMSolverMultistepScheduler": "scheduling_dpmsolver_clipped",
+}
+# diffusers' schedulers configured by the DDPM keys (what DDPMScheduler._compatibles lists), and ours.
+DDPM_FAMILY = [e.name for e in KarrasDiffusionSchedulers] + list(LAB_SCHEDULERS)
+
+
+def check_num_inference_steps(num_inference_steps, minimum: int = 1, what: str = "num_inference_steps"):
+    """TypeError unless an integer, ValueError unless in [minimum, MAX_INFERENCE_STEPS]."""
+    if not isinstance(num_inference_steps, numbers.Integral) or isinstance(num_inference_steps, bool):
+        raise TypeError(f"{what} must be an integer, got {num_inference_steps!r}")
+    if num_inference_steps < minimum:
+        raise ValueError(f"{what} must be at least {minimum}, got {num_inference_steps}")
+    if num_inference_steps > MAX_INFERENCE_STEPS:
+        raise ValueError(f"{what}={num_inference_steps} is more than {MAX_INFERENCE_STEPS}")
+
+
+class LabCompatiblesMixin:
+    """``SchedulerMixin.compatibles`` that also finds this project's classes.
+
+    diffusers resolves the names in ``_compatibles`` on the ``diffusers`` module only, so a custom
+    class would not even list itself; this looks the names of :data:`LAB_SCHEDULERS` up here.
+    Put it before ``SchedulerMixin`` in the bases. ``from_config`` uses the same list to recognise
+    the config keys of a compatible class (kept in the config, not passed to ``__init__``).
+    """
+
+    _compatibles: ClassVar[list] = list(DDPM_FAMILY)
+
+    @classmethod
+    def _get_compatibles(cls) -> list:
+        diffusers_library = importlib.import_module("diffusers")
+        classes = []
+        for name in dict.fromkeys([cls.__name__] + list(cls._compatibles)):  # ordered, no duplicates
+            if name in LAB_SCHEDULERS:
+                module = importlib.import_module(f"{__package__}.{LAB_SCHEDULERS[name]}")
+                classes.append(getattr(module, name))
+            elif hasattr(diffusers_library, name):
+                classes.append(getattr(diffusers_library, name))
+        return classes
 
 
 @dataclass
@@ -35,7 +83,30 @@ class DDPMScheduleMixin:
     Subclasses' timesteps are (possibly fractional, possibly repeated) labels of that schedule, so
     a DDPM network is called exactly as its training schedule defines; ``step`` therefore cannot
     find its place from the timestep alone and counts calls instead (like diffusers' Euler).
+
+    Where a loop starts (the first ``step`` after ``set_timesteps``):
+
+    - after ``set_begin_index(k)`` (what diffusers' img2img pipelines call): at entry k, whose
+      label the timestep must be;
+    - otherwise at the entry the timestep labels; an unknown timestep is a ``ValueError``. Equal
+      labels come in runs of adjacent entries (the K steps of a Langevin level and its final
+      denoising step; the correctors and the predictor at one time t_i; the Heun stage that ends
+      at t_j and the one that starts there), and the first call cannot tell where in its run the
+      loop starts. It takes the run's first entry that begins an inference step (index a multiple
+      of ``order``: where a pipeline starts, ``timesteps[t_start * order:]``), else the run's first
+      entry. The next calls tell where the loop really started: a call that repeats the label of
+      an entry already taken (the loop started earlier in the run) is a no-op that returns
+      ``sample`` unchanged, and a call whose label is that of the entry after the run (the loop
+      started later in it) skips the rest of the run.
+
+    So a loop started by value at a step start, or anywhere in a Heun schedule, runs exactly as
+    from ``set_begin_index``; one started inside a run of repeated labels runs the run's first
+    entries: the rest of a Langevin level's steps, or a predictor–corrector group's correctors
+    with its predictor skipped; a Langevin loop started past the first entry of its last level
+    ends without the final denoising step. ``set_begin_index`` makes every start exact.
     """
+
+    order = 1  # timesteps entries per inference step (diffusers' pipelines start at t_start · order)
 
     def _init_schedule(self):
         self.schedule = DiscreteVPSchedule.from_config(self.config)
@@ -43,33 +114,104 @@ class DDPMScheduleMixin:
         self.alphas_cumprod = self.schedule.alphas_cumprod.float()
         self.num_inference_steps = None
         self.timesteps = torch.zeros(0)
-        self._step_index = None
+        self._reset_loop()
 
-    @staticmethod
-    def _check_num_inference_steps(num_inference_steps, minimum: int = 1, what: str = "num_inference_steps"):
-        if not isinstance(num_inference_steps, (int,)) or isinstance(num_inference_steps, bool):
-            raise TypeError(f"{what} must be an integer, got {num_inference_steps!r}")
-        if num_inference_steps < minimum:
-            raise ValueError(f"{what} must be at least {minimum}, got {num_inference_steps}")
-        if num_inference_steps > MAX_INFERENCE_STEPS:
-            raise ValueError(f"{what}={num_inference_steps} is more than {MAX_INFERENCE_STEPS}")
+    def _reset_loop(self):
+        """Forget where the last loop was (``set_timesteps`` calls this)."""
+        self._step_index = None
+        self._begin_index = None
+        self._run = None  # (label, last entry of the run, repeats still allowed) while the start is ambiguous
+        self._last_pred_original_sample = None
+
+    _check_num_inference_steps = staticmethod(check_num_inference_steps)
 
     @property
     def step_index(self) -> Optional[int]:
         """Index into ``timesteps`` of the next ``step`` call (None before the first call)."""
         return self._step_index
 
-    def _current_index(self, timestep) -> int:
+    @property
+    def begin_index(self) -> Optional[int]:
+        """The entry the next loop starts at, when set with :meth:`set_begin_index`."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        """Start the next loop at entry ``begin_index`` of ``timesteps`` (call after ``set_timesteps``)."""
+        n = len(self.timesteps)
+        if not isinstance(begin_index, numbers.Integral) or isinstance(begin_index, bool) or not 0 <= begin_index < max(n, 1):
+            raise ValueError(f"begin_index must be an entry of timesteps (0 to {n - 1}), got {begin_index!r}")
+        self._begin_index = int(begin_index)
+        self._step_index = None
+        self._run = None
+
+    # ---- where the loop is ----
+
+    def _is_label(self, t: float, i: int) -> bool:
+        """Whether entry i of ``timesteps`` is the label t (up to float32 rounding)."""
+        return 0 <= i < len(self._labels) and abs(self._labels[i] - t) <= 1e-6 * (1.0 + abs(t))
+
+    def _valid_range(self) -> str:
+        return (f"{type(self).__name__}.timesteps holds {len(self.timesteps)} labels from "
+                f"{max(self._labels):.6g} down to {min(self._labels):.6g}")
+
+    def _start_loop(self, t: float) -> None:
+        self._labels = self.timesteps.detach().double().cpu().tolist()
+        self._run = None
+        if self._begin_index is not None:
+            k = self._begin_index
+            if not self._is_label(t, k):
+                raise ValueError(f"timestep {t:.6g} is not entry {k} ({self._labels[k]:.6g}) of timesteps, where "
+                                 f"set_begin_index({k}) starts the loop")
+            self._step_index = k
+            return
+        first = next((i for i in range(len(self._labels)) if self._is_label(t, i)), None)
+        if first is None:
+            raise ValueError(f"timestep {t:.6g} is not one of the scheduler's timesteps: {self._valid_range()}; "
+                             f"pass an entry of scheduler.timesteps (set_timesteps sets them)")
+        last = first
+        while self._is_label(t, last + 1):
+            last += 1
+        order = max(int(getattr(self, "order", 1)), 1)
+        start = next((i for i in range(first, last + 1) if i % order == 0), first)
+        self._step_index = start
+        if last > first:
+            self._run = (t, last, start - first)
+
+    def _current_index(self, timestep) -> Optional[int]:
+        """Index into ``timesteps`` of this ``step`` call, or None for a no-op call (see the class doc)."""
         if len(self.timesteps) == 0:
             raise RuntimeError(f"call {type(self).__name__}.set_timesteps(num_inference_steps) before sampling")
-        if self._step_index is None:  # first call: start at the first occurrence of `timestep`
-            t = torch.as_tensor(timestep, dtype=self.timesteps.dtype).reshape(-1)[0].to(self.timesteps.device)
-            hits = (self.timesteps - t).abs() <= 1e-4 * (1 + t.abs())
-            self._step_index = int(hits.nonzero()[0, 0]) if hits.any() else 0
+        t = torch.as_tensor(timestep).reshape(-1)
+        if t.numel() == 0:
+            raise ValueError("timestep is empty")
+        t = float(t[0])
+        if self._step_index is None:
+            self._start_loop(t)
+        elif self._run is not None:
+            _, last, repeats = self._run
+            i = self._step_index
+            if i <= last:
+                if not self._is_label(t, i):
+                    if self._is_label(t, last + 1):
+                        self._step_index = last + 1  # the loop started later in the run: skip its rest
+                    self._run = None
+            elif repeats > 0 and self._is_label(t, last):
+                return None  # the loop started earlier in the run: this call repeats a label already taken
+            else:
+                self._run = None
         if self._step_index >= len(self.timesteps):
             raise IndexError(f"{type(self).__name__}.step called {self._step_index + 1} times, but only "
                              f"{len(self.timesteps)} timesteps were set; call set_timesteps again")
         return self._step_index
+
+    def _repeat(self, sample: torch.Tensor, return_dict: bool):
+        """The no-op ``step`` for a call that repeats a label the loop has already passed."""
+        label, last, repeats = self._run
+        self._run = (label, last, repeats - 1)
+        pred_original_sample = self._last_pred_original_sample
+        if not return_dict:
+            return sample, pred_original_sample
+        return LabSchedulerOutput(prev_sample=sample, pred_original_sample=pred_original_sample)
 
     @staticmethod
     def _randn(sample: torch.Tensor, generator) -> torch.Tensor:
@@ -78,6 +220,7 @@ class DDPMScheduleMixin:
     def _finish(self, i: int, prev_sample, pred_original_sample, return_dict: bool):
         """Advance the step counter and package ``step``'s result."""
         self._step_index = i + 1
+        self._last_pred_original_sample = pred_original_sample
         if not return_dict:
             return prev_sample, pred_original_sample
         return LabSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
@@ -113,7 +256,7 @@ class VPSDEGridMixin(DDPMScheduleMixin):
         self._m = self.sde.mean_coeff(times).tolist()
         self._std = self.sde.std(times).tolist()
         self._beta = self.sde.beta(times).tolist()
-        self._step_index = None
+        self._reset_loop()
 
     def _epsilon_x0(self, model_output, sample, i: int):
         """(ε̂, x̂₀) at entry i of the VP state ``sample``."""
@@ -124,7 +267,7 @@ class VPSDEGridMixin(DDPMScheduleMixin):
         return epsilon_hat, epsilon_to_x0(epsilon_hat, sample, m_t, std_t)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """The VP state is what a DDPM network takes: returned unchanged."""
+        """The VP state is what a DDPM network takes: returned unchanged (before ``set_timesteps`` too)."""
         return sample
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Noise schedules, kept apart from the solvers that integrate them (MATH.md §1, §3, §4, §5).
+"""Noise schedules, kept apart from the solvers that integrate them (docs/schedules.md#ddpm-the-discrete-vp-schedule, docs/parametrization.md#vp-and-ve-are-one-family, docs/schedules.md#smld-the-ve-family, docs/schedules.md#the-vp-sde).
 
 Every sampler in this project speaks the language of a discrete-time DDPM schedule
 (``num_train_timesteps``, ``beta_start``, ``beta_end``, ``beta_schedule``): a network is always
@@ -11,7 +11,7 @@ correspondence:
 - ``VPSDE``: the continuous-time VP-SDE of Song et al. (2021) matched to the discrete schedule.
 - ``geometric_sigmas``: the SMLD noise levels σ_1 > … > σ_L.
 - ``linear_betas_for_sigma_range``: the linear DDPM schedule whose σ_t runs from σ_min to σ_max,
-  used to present a σ-conditioned (VE) network to every sampler as a VP network (MATH.md §3).
+  used to present a σ-conditioned (VE) network to every sampler as a VP network (docs/parametrization.md#vp-and-ve-are-one-family).
 
 Everything is computed in float64; callers cast to their own dtype.
 """
@@ -25,6 +25,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
+
+from .parametrization import alpha_bar_to_sigma, sigma_to_alpha_bar
 
 TensorLike = Union[torch.Tensor, float, int, np.ndarray]
 
@@ -84,8 +86,8 @@ class DiscreteVPSchedule:
     Attributes (float64 tensors of shape ``[T]``, indexed by the label t = 0..T-1):
         betas: β_t.
         alphas: α_t = 1 - β_t.
-        alphas_cumprod: ᾱ_t = ∏_{s≤t} α_s (MATH.md §1).
-        sigmas: σ_t = √((1-ᾱ_t)/ᾱ_t), the VE noise level of label t (MATH.md §3).
+        alphas_cumprod: ᾱ_t = ∏_{s≤t} α_s (docs/schedules.md#ddpm-the-discrete-vp-schedule).
+        sigmas: σ_t = √((1-ᾱ_t)/ᾱ_t), the VE noise level of label t (docs/schedules.md#timestep-labels-and-the-ve-noise-level).
     """
 
     def __init__(
@@ -100,7 +102,7 @@ class DiscreteVPSchedule:
         self.num_train_timesteps = len(self.betas)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.sigmas = ((1.0 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        self.sigmas = alpha_bar_to_sigma(self.alphas_cumprod)
         self._log_sigmas = self.sigmas.log()
         self._labels = torch.arange(self.num_train_timesteps, dtype=torch.float64)
 
@@ -135,12 +137,12 @@ class DiscreteVPSchedule:
         return _interp(t, self._labels, self._log_sigmas).exp()
 
     def alpha_bar_at(self, t: TensorLike) -> torch.Tensor:
-        """ᾱ at a fractional label, consistent with :meth:`t_to_sigma`: ᾱ = 1/(1+σ²) (MATH.md §3)."""
-        return 1.0 / (1.0 + self.t_to_sigma(t) ** 2)
+        """ᾱ at a fractional label, consistent with :meth:`t_to_sigma`: ᾱ = 1/(1+σ²) (docs/schedules.md#timestep-labels-and-the-ve-noise-level)."""
+        return sigma_to_alpha_bar(self.t_to_sigma(t))
 
 
 def geometric_sigmas(sigma_max: float, sigma_min: float, num_levels: int) -> torch.Tensor:
-    """SMLD noise levels σ_1 > σ_2 > … > σ_L, a geometric sequence (MATH.md §4), float64."""
+    """SMLD noise levels σ_1 > σ_2 > … > σ_L, a geometric sequence (docs/schedules.md#smld-the-ve-family), float64."""
     if num_levels < 2:
         raise ValueError(f"annealed Langevin needs at least 2 noise levels, got {num_levels}")
     if not (0 < sigma_min < sigma_max):
@@ -154,12 +156,12 @@ def linear_betas_for_sigma_range(
     """(beta_start, beta_end) of the linear DDPM schedule with σ_0 = sigma_min and σ_{T-1} = sigma_max.
 
     A σ-conditioned VE network is exposed to every sampler through this VP schedule: ᾱ_t =
-    1/(1+σ_t²) maps each label to a noise level the network was trained on (MATH.md §3).
+    1/(1+σ_t²) maps each label to a noise level the network was trained on (docs/schedules.md#timestep-labels-and-the-ve-noise-level).
     The default DDPM schedule (1e-4 … 0.02) corresponds to σ from 0.01 to about 157.
     """
     if not (0 < sigma_min < sigma_max):
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    beta_start = sigma_min**2 / (1.0 + sigma_min**2)  # ᾱ_0 = 1 - β_0 = 1/(1+σ_min²)
+    beta_start = 1.0 - sigma_to_alpha_bar(sigma_min)  # ᾱ_0 = 1 - β_0 = 1/(1+σ_min²)
     target = -math.log1p(sigma_max**2)  # log ᾱ_{T-1} = Σ log(1-β_t)
 
     def log_alpha_bar_end(beta_end: float) -> float:
@@ -180,7 +182,7 @@ def linear_betas_for_sigma_range(
 
 @dataclass
 class VPSDE:
-    """The VP-SDE dx = -½ β(t) x dt + √β(t) dw on t ∈ [0, 1] (Song et al. 2021, MATH.md §5).
+    """The VP-SDE dx = -½ β(t) x dt + √β(t) dw on t ∈ [0, 1] (Song et al. 2021, docs/schedules.md#the-vp-sde).
 
     For a ``linear`` DDPM schedule β(t) = β_min + t (β_max - β_min) with β_min = T·beta_start and
     β_max = T·beta_end, and the marginal mean coefficient is analytic. For any other schedule
@@ -194,7 +196,7 @@ class VPSDE:
 
     @classmethod
     def from_config(cls, config) -> "VPSDE":
-        """VP-SDE matched to a DDPM scheduler config (MATH.md §5: β_min = N·beta_start, β_max = N·beta_end)."""
+        """VP-SDE matched to a DDPM scheduler config (docs/schedules.md#the-vp-sde: β_min = N·beta_start, β_max = N·beta_end)."""
         get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
         schedule = DiscreteVPSchedule.from_config(config)
         if get("beta_schedule", "linear") == "linear" and get("trained_betas", None) is None:
@@ -222,7 +224,7 @@ class VPSDE:
         return (T - 1) * _interp(self.label(t), mids, dlog)
 
     def mean_coeff(self, t: TensorLike) -> torch.Tensor:
-        """m(t) = exp(-¼ t² (β_max-β_min) - ½ t β_min) (MATH.md §5): x_t = m(t) x_0 + √(1-m²) z."""
+        """m(t) = exp(-¼ t² (β_max-β_min) - ½ t β_min) (docs/schedules.md#the-vp-sde): x_t = m(t) x_0 + √(1-m²) z."""
         t = torch.as_tensor(t, dtype=torch.float64)
         if self.is_linear:
             return torch.exp(-0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min)

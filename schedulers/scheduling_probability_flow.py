@@ -1,4 +1,4 @@
-"""Probability-flow ODE of the VP-SDE, Euler or Heun (Song et al. 2021, §4.3; MATH.md §5)."""
+"""Probability-flow ODE of the VP-SDE, Euler or Heun (Song et al. 2021, §4.3; docs/samplers.md#probability-flow-ode)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .base import VPSDEGridMixin
+from .base import LabCompatiblesMixin, VPSDEGridMixin
 from .parametrization import epsilon_to_score
 
 SOLVERS = ("euler", "heun")
 
 
-class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, VPSDEGridMixin):
+class ProbabilityFlowScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin, VPSDEGridMixin):
     """Deterministic sampler: the probability-flow ODE dx/dt = f(x,t) − ½ g(t)² ∇log p_t(x) of the
-    VP-SDE, whose solutions have the same marginals as the SDE (MATH.md §5).
+    VP-SDE, whose solutions have the same marginals as the SDE (docs/samplers.md#probability-flow-ode).
 
     Drift d(x, t) = −½ β(t) x − ½ β(t) s_θ(x, t). On the grid t_0 = 1 > … > t_N = t_ε with
     Δt = −(1 − t_ε)/N:
@@ -28,7 +28,19 @@ class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, VPSDEGridMixin):
     instead of x(t_ε), removing the noise left at t_ε (score_sde's ``denoise=True``).
 
     Timesteps are the DDPM labels t·(T−1) (Heun's list holds each second-stage time as its own
-    entry), so ``len(timesteps)`` is the number of network evaluations.
+    entry), so ``len(timesteps)`` is the number of network evaluations, and ``order`` is the
+    number of entries per ODE step: 2 for Heun, 1 for Euler (diffusers' pipelines start an img2img
+    loop at ``timesteps[t_start * order:]``).
+
+    A loop may start at any entry k (``for t in timesteps[k:]``, after ``add_noise`` to
+    ``timesteps[k]``). Heun's list holds each inner time t_j twice: entry 2j − 1, the second stage
+    that ends step j − 1 at t_j, then entry 2j, the first stage of step j. A loop that starts on a
+    second stage has no first stage to finish, and its state is already at t_j: that entry is a
+    no-op (``prev_sample`` is ``sample``) and the Heun step starts at the next entry. Without
+    ``set_begin_index`` the two entries cannot be told apart on the first call, so that call
+    starts step j and the repeated t_j that follows (if the loop started at 2j − 1) is the no-op
+    (see ``DDPMScheduleMixin``). Either way, starting at 2j − 1 gives the sample that starting at
+    2j gives, for one more evaluation.
 
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the DDPM schedule.
@@ -40,7 +52,7 @@ class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, VPSDEGridMixin):
             (for images; keeps a network whose ε̂ is off at high noise on valid images).
     """
 
-    order = 2
+    order = 2  # per instance: 2 for Heun, 1 for Euler (set in __init__)
 
     @register_to_config
     def __init__(
@@ -59,7 +71,9 @@ class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, VPSDEGridMixin):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         self._init_sde()
-        self._x_i = None  # Heun: state and drift at the start of the current step
+        self.order = 2 if solver == "heun" else 1
+        self._heun_start = None  # Heun: entry, state and drift of the current step's first stage
+        self._x_i = None
         self._d_i = None
 
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device] = None):
@@ -73,7 +87,7 @@ class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, VPSDEGridMixin):
         if self.config.final_denoise:
             times = torch.cat([times, grid[-1:]])  # one more evaluation at t_ε
         self._set_entries(times, device)
-        self._x_i, self._d_i = None, None
+        self._heun_start, self._x_i, self._d_i = None, None, None
 
     def _drift(self, model_output, sample, i: int):
         beta_t = self._beta[i]
@@ -91,19 +105,29 @@ class ProbabilityFlowScheduler(SchedulerMixin, ConfigMixin, VPSDEGridMixin):
     ):
         """One Euler step, or one stage of a Heun step. ``generator`` is accepted and unused (deterministic).
 
+        A Heun second stage whose first stage this loop did not take (the loop started on it) is a
+        no-op: ``sample`` is already the state at its time.
+
         Returns:
             ``(prev_sample, pred_original_sample)``.
+
+        Raises:
+            ValueError: on the first call, for a timestep that is not an entry of ``timesteps``.
         """
         i = self._current_index(timestep)
+        if i is None:
+            return self._repeat(sample, return_dict)
         drift, pred_original_sample = self._drift(model_output, sample, i)
         if i >= self._num_ode_entries:  # final denoising step at t_ε
             prev_sample = pred_original_sample
         elif self.config.solver == "euler":
             prev_sample = sample + drift * self.dt  # Euler method
         elif i % 2 == 0:  # Heun, first stage: Euler predictor to t_{i+1}
-            self._x_i, self._d_i = sample, drift
+            self._heun_start, self._x_i, self._d_i = i, sample, drift
             prev_sample = sample + drift * self.dt
-        else:  # Heun, second stage: trapezoidal corrector
+        elif self._heun_start == i - 1:  # Heun, second stage: trapezoidal corrector
             prev_sample = self._x_i + 0.5 * (self._d_i + drift) * self.dt
-            self._x_i, self._d_i = None, None
+            self._heun_start, self._x_i, self._d_i = None, None, None
+        else:  # a second stage without its first: the loop starts here, at the end of a step
+            prev_sample = sample
         return self._finish(i, prev_sample, pred_original_sample, return_dict)

@@ -1,24 +1,25 @@
 """Reverse-time VP-SDE, Euler–Maruyama predictor with an optional Langevin corrector
-(Song et al. 2021, "Score-Based Generative Modeling through SDEs", MATH.md §5)."""
+(Song et al. 2021, "Score-Based Generative Modeling through SDEs", docs/samplers.md#vp-sde-euler-maruyama)."""
 
 from __future__ import annotations
 
 import math
 from typing import Optional, Union
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .base import VPSDEGridMixin
+from .base import LabCompatiblesMixin, VPSDEGridMixin
 from .parametrization import epsilon_to_score
 
 
-class VPSDEScheduler(SchedulerMixin, ConfigMixin, VPSDEGridMixin):
+class VPSDEScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin, VPSDEGridMixin):
     """Euler–Maruyama on the reverse VP-SDE, optionally as a predictor–corrector sampler.
 
     Forward SDE dx = -½ β(t) x dt + √β(t) dw, β(t) = β_min + t (β_max − β_min) with
-    β_min = T·beta_start, β_max = T·beta_end (MATH.md §5); reverse SDE
+    β_min = T·beta_start, β_max = T·beta_end (docs/samplers.md#vp-sde-euler-maruyama); reverse SDE
     dx = [f(x,t) − g(t)² ∇log p_t(x)] dt + g(t) dw̄. With N = ``num_inference_steps`` the grid is
     t_0 = 1 > t_1 > … > t_N = t_ε, Δt = −(1 − t_ε)/N, and each predictor step is
 
@@ -26,10 +27,16 @@ class VPSDEScheduler(SchedulerMixin, ConfigMixin, VPSDEGridMixin):
 
     returning x̄ (no noise) on the last step. With ``corrector_steps`` = C > 0, each predictor step
     is preceded by C Langevin corrector steps at t_i (score_sde's PC sampler):
-    ε_i = 2 α_i (r ‖z‖/‖s_θ‖)², x ← x + ε_i s_θ + √(2 ε_i) z, r = ``snr``, α_i = 1 − β at t_i.
 
-    ``len(timesteps)`` = N (1 + C) network evaluations. Timesteps are the labels t·(T−1) a DDPM
-    network was trained on; ε̂ becomes the score −ε̂/√(1 − m(t)²) with the SDE's own marginal std.
+        step_size = 2 α_i (r ‖z‖/‖s_θ‖)²,   x ← x + step_size · s_θ + √(2 step_size) z,
+
+    r = ``snr``, α_i = 1 − β of the discrete DDPM schedule at the label of t_i (score_sde's
+    ``sde.alphas[timestep]``; linearly interpolated between integer labels), always in (0, 1).
+
+    ``len(timesteps)`` = N (1 + C) network evaluations, and ``order`` = 1 + C, the entries of one
+    predictor step (diffusers' pipelines start an img2img loop at ``timesteps[t_start * order:]``).
+    Timesteps are the labels t·(T−1) a DDPM network was trained on; ε̂ becomes the score
+    −ε̂/√(1 − m(t)²) with the SDE's own marginal std.
 
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the DDPM schedule.
@@ -39,7 +46,7 @@ class VPSDEScheduler(SchedulerMixin, ConfigMixin, VPSDEGridMixin):
         snr: r, the corrector's signal-to-noise ratio.
     """
 
-    order = 1
+    order = 1  # per instance: 1 + corrector_steps (set in __init__)
 
     @register_to_config
     def __init__(
@@ -55,6 +62,8 @@ class VPSDEScheduler(SchedulerMixin, ConfigMixin, VPSDEGridMixin):
         snr: float = 0.16,
     ):
         self._init_sde()
+        self.order = 1 + max(int(corrector_steps), 0)
+        self._alpha = []
 
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device] = None):
         """N predictor steps from t = 1 to t_ε; each preceded by ``corrector_steps`` corrector steps."""
@@ -65,7 +74,11 @@ class VPSDEScheduler(SchedulerMixin, ConfigMixin, VPSDEGridMixin):
         if C and not self.config.snr > 0:
             raise ValueError(f"snr must be positive, got {self.config.snr}")
         self.is_corrector = torch.tensor(([True] * C + [False]) * num_inference_steps)
-        self._set_entries(grid[:-1].repeat_interleave(C + 1), device)
+        times = grid[:-1].repeat_interleave(C + 1)
+        self._set_entries(times, device)
+        # α_i = 1 − β of the discrete schedule at the (fractional) label of each entry, in (0, 1)
+        labels = self.sde.label(times).numpy()
+        self._alpha = np.interp(labels, np.arange(self.schedule.num_train_timesteps), self.schedule.alphas.numpy()).tolist()
 
     def step(
         self,
@@ -79,19 +92,24 @@ class VPSDEScheduler(SchedulerMixin, ConfigMixin, VPSDEGridMixin):
 
         Returns:
             ``(prev_sample, pred_original_sample)``.
+
+        Raises:
+            ValueError: on the first call, for a timestep that is not an entry of ``timesteps``.
         """
         # x (sample): VP state | t: continuous time | β(t): g² | Δt < 0 | z: fresh N(0, I) | s: score
         i = self._current_index(timestep)
+        if i is None:
+            return self._repeat(sample, return_dict)
         beta_t = self._beta[i]
         epsilon_hat, pred_original_sample = self._epsilon_x0(model_output, sample, i)
         score = epsilon_to_score(epsilon_hat, self._std[i])  # s_θ = -ε̂/√(1-m²)
         if bool(self.is_corrector[i]):
             z = self._randn(sample, generator)
-            alpha_i = 1.0 - beta_t / self.schedule.num_train_timesteps  # α = 1 − β_discrete
+            alpha_i = self._alpha[i]  # α = 1 − β of the discrete schedule (score_sde: sde.alphas[timestep])
             # norms averaged over the batch, as in score_sde: a per-sample ‖s_θ‖ can vanish at a mode
             z_norm = z.flatten(1).norm(dim=1).mean()
             s_norm = score.flatten(1).norm(dim=1).mean().clamp_min(1e-12)
-            step_size = 2 * alpha_i * (self.config.snr * z_norm / s_norm) ** 2  # ε_i = 2α (r‖z‖/‖s‖)²
+            step_size = 2 * alpha_i * (self.config.snr * z_norm / s_norm) ** 2  # 2α (r‖z‖/‖s‖)²
             prev_sample = sample + step_size * score + (2 * step_size).sqrt() * z  # Langevin corrector
         else:
             drift = -0.5 * beta_t * sample - beta_t * score  # f − g² s

@@ -12,7 +12,7 @@ Tolerances, with N = 6000 samples:
 - width ratio (sample std / true std) in [0.88, 1.12]: the s.e. of a std from ≥ 1200 samples in
   2-D is ≤ 1.5 %; diffusers' DDPMScheduler at 1000 steps, the yardstick, is itself off by up
   to 4 % on these widths (the discrete schedule is coarse at σ ≈ 0.01), and deterministic
-  few-step samplers are known to be under-dispersed (MATH.md §8).
+  few-step samplers are known to be under-dispersed (docs/exact-scores.md).
 Mutants with a wrong sign, a wrong Δt or a missing √2 leave at least one of these bounds.
 """
 
@@ -94,10 +94,10 @@ class LangevinMissingSqrt2(AnnealedLangevinScheduler):
         i = self._current_index(timestep)
         out = super().step(model_output, timestep, sample, generator=generator)
         if not (self.config.final_denoise and i == len(self.timesteps) - 1):
-            sigma_i, alpha_i = float(self.sigmas[i]), float(self.step_sizes[i])
+            sigma_i, step_size_i = float(self.sigmas[i]), float(self.step_sizes[i])
             score = (out.pred_original_sample - sample) / sigma_i**2
-            noise = out.prev_sample - sample - alpha_i * score
-            out.prev_sample = sample + alpha_i * score + noise / math.sqrt(2)
+            noise = out.prev_sample - sample - step_size_i * score
+            out.prev_sample = sample + step_size_i * score + noise / math.sqrt(2)
         return out
 
 

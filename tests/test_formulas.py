@@ -1,4 +1,4 @@
-"""Formulas against MATH.md: forward marginals, β̃, the VP-SDE marginal, the SMLD between-level
+"""Formulas against docs/ (schedules.md, parametrization.md, exact-scores.md): forward marginals, β̃, the VP-SDE marginal, the SMLD between-level
 step, the parametrisation conversions and the σ ↔ label map."""
 
 from __future__ import annotations
@@ -10,7 +10,10 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from schedulers import AnnealedLangevinScheduler, ProbabilityFlowScheduler, VPSDEScheduler
-from schedulers.parametrization import epsilon_to_score, epsilon_to_v, epsilon_to_x0, score_to_epsilon, to_epsilon
+from schedulers.parametrization import (
+    alpha_bar_to_sigma, clip_denoised, epsilon_to_score, epsilon_to_v, epsilon_to_x0, forward_marginal, score_to_epsilon,
+    score_to_x0, sigma_to_alpha_bar, sigma_to_vp_scales, to_epsilon, ve_to_vp, vp_scales, vp_to_ve, x0_to_epsilon,
+)
 from schedulers.schedules import VPSDE, DiscreteVPSchedule, geometric_sigmas, linear_betas_for_sigma_range
 
 G = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
@@ -20,13 +23,13 @@ def test_discrete_schedule_matches_ddpm_and_math():
     sched = DiscreteVPSchedule()
     ddpm = DDPMScheduler()
     torch.testing.assert_close(sched.alphas_cumprod.float(), ddpm.alphas_cumprod)
-    # ᾱ_t = ∏ (1 - β_s), β linear from 1e-4 to 0.02 (MATH.md §1)
+    # ᾱ_t = ∏ (1 - β_s), β linear from 1e-4 to 0.02 (docs/schedules.md#ddpm-the-discrete-vp-schedule)
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     torch.testing.assert_close(sched.alphas_cumprod, torch.cumprod(1 - betas, 0))
 
 
 def test_posterior_variance_beta_tilde():
-    """β̃_t = (1-ᾱ_{t-1})/(1-ᾱ_t) β_t is diffusers' fixed_small variance (MATH.md §1)."""
+    """β̃_t = (1-ᾱ_{t-1})/(1-ᾱ_t) β_t is diffusers' fixed_small variance (docs/schedules.md#ddpm-the-discrete-vp-schedule)."""
     ddpm = DDPMScheduler(variance_type="fixed_small")
     ddpm.set_timesteps(1000)
     s = DiscreteVPSchedule()
@@ -49,7 +52,7 @@ def test_forward_marginal_of_add_noise(cls):
 
 
 def test_vp_sde_marginal_matches_discrete_alpha_bar():
-    """m(t)² at t = label/(T-1) tracks the discrete ᾱ of the same label (MATH.md §5)."""
+    """m(t)² at t = label/(T-1) tracks the discrete ᾱ of the same label (docs/schedules.md#the-vp-sde)."""
     sde = VPSDE.from_config(DDPMScheduler().config)
     assert sde.beta_min == pytest.approx(0.1) and sde.beta_max == pytest.approx(20.0)
     labels = torch.arange(0, 1000, 37)
@@ -75,7 +78,7 @@ def test_vp_sde_for_a_cosine_schedule_follows_its_alpha_bar():
 
 
 def test_smld_between_level_step_has_the_next_level_variance():
-    """x_{σ'} = x_σ + √(σ'² − σ²) ε turns N(0, σ²) into N(0, σ'²) (MATH.md §4)."""
+    """x_{σ'} = x_σ + √(σ'² − σ²) ε turns N(0, σ²) into N(0, σ'²) (docs/schedules.md#smld-the-ve-family)."""
     sigma, sigma_next = 0.3, 1.7
     x = sigma * torch.randn(200000, generator=G(1), dtype=torch.float64)
     x_next = x + math.sqrt(sigma_next**2 - sigma**2) * torch.randn(200000, generator=G(2), dtype=torch.float64)
@@ -103,14 +106,47 @@ def test_conversions_round_trip():
     x = a * x0 + s * eps
     torch.testing.assert_close(epsilon_to_x0(eps, x, a, s), x0)
     torch.testing.assert_close(to_epsilon(x0, "sample", x, a, s), eps)
-    v = a * eps - s * x0  # MATH.md §1
+    v = a * eps - s * x0  # docs/schedules.md#ddpm-the-discrete-vp-schedule
     torch.testing.assert_close(epsilon_to_v(eps, x, a, s), v)
     torch.testing.assert_close(to_epsilon(v, "v_prediction", x, a, s), eps)
     score = epsilon_to_score(eps, s)
-    torch.testing.assert_close(score, -eps / s)  # ∇log q(x_t|x_0) = -ε/√(1-ᾱ)  (MATH.md §3)
+    torch.testing.assert_close(score, -eps / s)  # ∇log q(x_t|x_0) = -ε/√(1-ᾱ)  (docs/parametrization.md#score-and-tweedie)
     torch.testing.assert_close(score_to_epsilon(score, s), eps)
     # Tweedie: E[x₀|x_t] = (x_t + (1-ᾱ) s)/√ᾱ
     torch.testing.assert_close((x + (1 - alpha_bar) * score) / a, x0)
+
+
+def test_every_conversion_once_on_one_state():
+    """Each conversion of parametrization.py against a state built by hand, for VP (a = √ᾱ, s = √(1−ᾱ))
+    and VE (a = 1, s = σ), and the VP ↔ VE state map between them."""
+    g = G(5)
+    x0 = torch.randn(4, 3, dtype=torch.float64, generator=g)
+    eps = torch.randn(4, 3, dtype=torch.float64, generator=g)
+    alpha_bar = torch.tensor(0.2, dtype=torch.float64)
+    a, s = vp_scales(alpha_bar)
+    torch.testing.assert_close(torch.stack([a, s]), torch.stack([alpha_bar.sqrt(), (1 - alpha_bar).sqrt()]))
+    x = forward_marginal(x0, eps, a, s)
+    torch.testing.assert_close(x, a * x0 + s * eps)
+    torch.testing.assert_close(x0_to_epsilon(x0, x, a, s), eps)
+    sigma = alpha_bar_to_sigma(alpha_bar)
+    torch.testing.assert_close(sigma, ((1 - alpha_bar) / alpha_bar).sqrt())
+    torch.testing.assert_close(sigma_to_alpha_bar(sigma), alpha_bar)
+    a_ve, s_ve = sigma_to_vp_scales(sigma)  # the VP scales of the same noise level
+    torch.testing.assert_close(torch.stack([a_ve, s_ve]), torch.stack([a, s]))
+    assert sigma_to_vp_scales(3.0) == pytest.approx((1 / math.sqrt(10), 3 / math.sqrt(10)))
+    x_tilde = vp_to_ve(x, a)
+    torch.testing.assert_close(x_tilde, forward_marginal(x0, eps, 1.0, sigma))  # x̃ = x₀ + σ ε
+    torch.testing.assert_close(ve_to_vp(x_tilde, sigma), x)
+    score_ve = epsilon_to_score(eps, sigma)  # ∇log p_σ(x̃ | x₀) = −ε/σ
+    torch.testing.assert_close(score_to_x0(score_ve, x_tilde, sigma), x0)  # Tweedie in VE form
+    torch.testing.assert_close(to_epsilon(score_ve, "score", x_tilde, 1.0, sigma), eps)
+    torch.testing.assert_close(to_epsilon(eps, "epsilon", x, a, s), eps)
+    with pytest.raises(ValueError, match="prediction_type"):
+        to_epsilon(eps, "noise", x, a, s)
+    big = forward_marginal(torch.full_like(x0, 3.0), eps, a, s)  # x̂₀ = 3 everywhere: clipped to 1
+    eps_clipped, x0_clipped = clip_denoised(eps, big, a, s)
+    torch.testing.assert_close(x0_clipped, torch.ones_like(x0))
+    torch.testing.assert_close(epsilon_to_x0(eps_clipped, big, a, s), x0_clipped)  # ε̂ consistent with the clip
 
 
 def test_sigma_label_map_is_an_exact_inverse_and_matches_integer_labels():
@@ -133,7 +169,7 @@ def test_linear_betas_for_sigma_range_hits_both_ends():
 
 @pytest.mark.parametrize("steps,expected", [(10, 0.83), (50, 0.96)])
 def test_ddim_on_standard_gaussian_data_shrinks_by_the_product_of_cosines(steps, expected):
-    """MATH.md §8: for x₀ ~ N(0, I), ε̂ = s·x and deterministic DDIM ends with std ∏ cos(θ_{t'} − θ_t)."""
+    """docs/exact-scores.md: for x₀ ~ N(0, I), ε̂ = s·x and deterministic DDIM ends with std ∏ cos(θ_{t'} − θ_t)."""
     sched = DDIMScheduler(set_alpha_to_one=True, clip_sample=False)
     sched.set_timesteps(steps)
     x = torch.randn(40000, 1, dtype=torch.float64, generator=G(0))
@@ -151,9 +187,9 @@ def test_ddim_on_standard_gaussian_data_shrinks_by_the_product_of_cosines(steps,
 def test_unadjusted_langevin_stationary_variance():
     """x ← x + α ∇log N(0, v) + √(2α) z settles at variance v / (1 − α/(2v)).
 
-    (MATH.md §8 writes v/(1 − α/(4v)), which holds for the step written as x + (α/2)∇log p + √α z;
-    with the rule this project implements, x + α s + √(2α) z, the fixed point of
-    V = (1 − α/v)² V + 2α is v/(1 − α/(2v)).)
+    With the rule this project implements, x + α s + √(2α) z, the fixed point of V = (1 − α/v)² V + 2α
+    is v/(1 − α/(2v)) (docs/exact-scores.md); v/(1 − α/(4v)), found in some lecture notes, belongs to
+    the step written as x + (α/2)∇log p + √α z.
     """
     v, alpha = 0.5, 0.2
     x = torch.zeros(50000, dtype=torch.float64)

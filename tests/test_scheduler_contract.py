@@ -133,7 +133,7 @@ def test_langevin_budget_and_levels():
 
 
 def test_langevin_rejects_a_diverging_step_size():
-    s = AnnealedLangevinScheduler(epsilon=1e-3)  # ε/σ_L² = 10
+    s = AnnealedLangevinScheduler(step_size=1e-3)  # ε/σ_L² = 10
     with pytest.raises(ValueError, match="diverges"):
         s.set_timesteps(10)
 
@@ -157,7 +157,7 @@ def test_loop_contract_on_a_real_unet(name, tiny_vp_unet):
     """Every registered sampler runs the verbatim loop on an ε-prediction UNet2DModel."""
     scheduler, step_kwargs = create_scheduler(name, dict(DDPMScheduler().config))
     assert not step_kwargs or name == "ddim"
-    steps = 3 if name != "langevin" else 2
+    steps = SAMPLERS[name].min_steps + 1
     x = run_loop(scheduler, torch.no_grad()(tiny_vp_unet), steps)
     assert x.shape == (2, 1, 8, 8)
     assert torch.isfinite(x).all()

@@ -1,4 +1,4 @@
-"""The two training objectives (MATH.md §1 and §4): sample a noise level, add noise, weight, square."""
+"""The two training objectives (docs/schedules.md#ddpm-the-discrete-vp-schedule, docs/schedules.md#smld-the-ve-family): sample a noise level, add noise, weight, square."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from schedulers.parametrization import epsilon_to_v
+from schedulers.parametrization import epsilon_to_v, forward_marginal, score_to_epsilon, ve_to_vp, vp_scales
 from schedulers.schedules import DiscreteVPSchedule, linear_betas_for_sigma_range
 
 
@@ -28,14 +28,14 @@ def ddpm_loss(unet, x_0: torch.Tensor, alphas_cumprod: torch.Tensor, generator: 
     t = torch.randint(0, len(alphas_cumprod), (b,), generator=generator).to(x_0.device)
     epsilon = torch.randn(x_0.shape, generator=generator).to(x_0.device, x_0.dtype)
     alpha_bar_t = alphas_cumprod[t].to(x_0.dtype).view(b, 1, 1, 1)
-    alpha_t, sigma_t = alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt()
-    x_t = alpha_t * x_0 + sigma_t * epsilon  # q(x_t | x_0)
+    a_t, s_t = vp_scales(alpha_bar_t)
+    x_t = forward_marginal(x_0, epsilon, a_t, s_t)  # q(x_t | x_0)
     if prediction_type == "epsilon":
         target = epsilon
     elif prediction_type == "sample":
         target = x_0
     elif prediction_type == "v_prediction":
-        target = epsilon_to_v(epsilon, x_t, alpha_t, sigma_t)
+        target = epsilon_to_v(epsilon, x_t, a_t, s_t)
     else:
         raise ValueError(f"prediction_type must be epsilon, sample or v_prediction, got {prediction_type!r}")
     kwargs = {} if class_labels is None else {"class_labels": class_labels}
@@ -77,7 +77,7 @@ def _vp_schedule(sigma_min: float, sigma_max: float) -> DiscreteVPSchedule:
 def ncsn_loss(unet, x_0: torch.Tensor, sigma_min: float, sigma_max: float, generator: torch.Generator,
               num_levels: int | None = None, class_labels=None, input_scaling: str = "none",
               sigma_distribution: str = "log_uniform") -> torch.Tensor:
-    """Denoising score matching with λ(σ) = σ²: E ‖σ s_θ(x₀ + σ ε, σ) + ε‖² (MATH.md §4).
+    """Denoising score matching with λ(σ) = σ²: E ‖σ s_θ(x₀ + σ ε, σ) + ε‖² (docs/schedules.md#smld-the-ve-family).
 
     The network is a ``UNet2DModel`` with Fourier time embedding fed σ; diffusers divides its
     output by σ, so ``unet(...).sample`` is the score s_θ and σ·s_θ ≈ −ε is of unit scale.
@@ -87,8 +87,8 @@ def ncsn_loss(unet, x_0: torch.Tensor, sigma_min: float, sigma_max: float, gener
     sigma = sample_sigmas(b, sigma_min, sigma_max, generator, num_levels, sigma_distribution).to(x_0.device)
     epsilon = torch.randn(x_0.shape, generator=generator).to(x_0.device, x_0.dtype)
     sigma_ = sigma.to(x_0.dtype).view(b, 1, 1, 1)
-    x_tilde = x_0 + sigma_ * epsilon  # perturbation x̃ = x + σ ε
+    x_tilde = forward_marginal(x_0, epsilon, 1.0, sigma_)  # perturbation x̃ = x + σ ε
     kwargs = {} if class_labels is None else {"class_labels": class_labels}
-    net_input = x_tilde / (1 + sigma_**2).sqrt() if input_scaling == "unit_variance" else x_tilde
+    net_input = ve_to_vp(x_tilde, sigma_) if input_scaling == "unit_variance" else x_tilde  # EDM's c_in
     score = unet(net_input, sigma, **kwargs).sample
-    return F.mse_loss((sigma_ * score).float(), -epsilon.float())  # ‖σ s + ε‖², per dimension
+    return F.mse_loss(score_to_epsilon(score, sigma_).float(), epsilon.float())  # ‖σ s + ε‖², per dimension
