@@ -15,7 +15,7 @@ import random
 
 import gradio as gr
 
-from schedulers.registry import SAMPLERS, get_spec, nfe_of
+from schedulers.registry import LIMITS, SAMPLERS, get_spec, nfe_of
 from ui import service
 from ui.service import BUNDLED, DEFAULT_CHECKPOINT, UserError
 
@@ -58,11 +58,27 @@ def _params_from(sampler, values) -> dict:
     return chosen
 
 
-def on_sampler_change(sampler):
+def _sampler_config(checkpoint):
+    """The loaded checkpoint's schedule (the registry derives step limits from it), or None before it loads."""
+    try:
+        return service.CACHE.get(checkpoint).sampler_config
+    except (UserError, ValueError):
+        return None
+
+
+def _steps_update(checkpoint, sampler, value=None):
+    """The Steps slider for this sampler on this checkpoint: label and range from the registry."""
     spec = get_spec(sampler)
-    maximum = 1000 if sampler == "ddpm" else 2000
-    updates = [gr.update(label=spec.steps_label.capitalize(), value=spec.default_steps, maximum=maximum),
-               gr.update(info=spec.description)]
+    lo, hi = spec.steps_range(_sampler_config(checkpoint))
+    update = dict(label=spec.steps_label.capitalize(), minimum=lo, maximum=hi)
+    if value is not None:
+        update["value"] = min(max(value, lo), hi)
+    return gr.update(**update)
+
+
+def on_sampler_change(checkpoint, sampler):
+    spec = get_spec(sampler)
+    updates = [_steps_update(checkpoint, sampler, spec.default_steps), gr.update(info=spec.description)]
     defaults = spec.defaults()
     for name in PARAM_NAMES:
         if name in defaults:
@@ -82,16 +98,16 @@ def nfe_text(checkpoint, sampler, steps, *values):
         return f"⚠️ {err}"
 
 
-def on_load(checkpoint):
+def on_load(checkpoint, sampler, steps):
     try:
         text = service.describe(checkpoint)
         summary = service.checkpoint_summary(checkpoint)
     except UserError as err:
-        return f"⚠️ {err}", gr.update(), gr.update()
+        return f"⚠️ {err}", gr.update(), gr.update(), gr.update()
     cond = summary["conditional"]
     digits = (["unconditional"] if summary["guidance"] else []) + [str(i) for i in range(summary["num_classes"])]
     return (text, gr.update(visible=cond, choices=digits, value=digits[0] if digits else None),
-            gr.update(visible=cond and summary["guidance"]))
+            gr.update(visible=cond and summary["guidance"]), _steps_update(checkpoint, sampler, steps))
 
 
 def run_generate(checkpoint, sampler, steps, seed, batch_size, digit, guidance, *values, progress=gr.Progress()):
@@ -143,14 +159,14 @@ def build(extra_checkpoints=()) -> gr.Blocks:
                     with gr.Column(scale=1, min_width=320):
                         ddim = get_spec("ddim")
                         sampler = gr.Dropdown(choices=SAMPLER_CHOICES, value="ddim", label="Sampler", info=ddim.description)
-                        steps = gr.Slider(1, 2000, value=ddim.default_steps, step=1, label="Steps")
+                        steps = gr.Slider(*ddim.steps_range(), value=ddim.default_steps, step=1, label="Steps")
                         nfe = gr.Markdown()
                         with gr.Row(equal_height=True):
                             seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
                             dice = gr.Button("🎲 Random seed")
-                        batch = gr.Slider(1, service.MAX_BATCH, value=16, step=1, label="Batch size")
+                        batch = gr.Slider(1, LIMITS.app_max_batch, value=16, step=1, label="Batch size")
                         digit = gr.Dropdown(choices=["unconditional"], value="unconditional", label="Digit", visible=False)
-                        guidance = gr.Slider(0, 10, value=3.0, step=0.5, label="Guidance scale w", visible=False,
+                        guidance = gr.Slider(0, LIMITS.max_guidance, value=3.0, step=0.5, label="Guidance scale w", visible=False,
                                              info="classifier-free guidance: ε(∅) + w(ε(c) − ε(∅)); 1 = plain conditional")
                         with gr.Accordion("Advanced: sampler parameters", open=False):
                             param_boxes = [_param_component(PARAMS[name]) for name in PARAM_NAMES]
@@ -191,9 +207,10 @@ def build(extra_checkpoints=()) -> gr.Blocks:
                 fw_plot = gr.Plot(label="Schedule of the loaded checkpoint")
 
         # ---- wiring ----
-        load.click(on_load, checkpoint, [info, digit, guidance], api_name="load_checkpoint", **MODEL)
-        demo.load(on_load, checkpoint, [info, digit, guidance], api_visibility="private", **MODEL)
-        sampler.change(on_sampler_change, sampler, [steps, sampler, *param_boxes], api_visibility="private")
+        load_outputs = [info, digit, guidance, steps]
+        load.click(on_load, [checkpoint, sampler, steps], load_outputs, api_name="load_checkpoint", **MODEL)
+        demo.load(on_load, [checkpoint, sampler, steps], load_outputs, api_visibility="private", **MODEL)
+        sampler.change(on_sampler_change, [checkpoint, sampler], [steps, sampler, *param_boxes], api_visibility="private")
         for comp in (checkpoint, sampler, steps, *param_boxes):
             comp.change(nfe_text, [checkpoint, sampler, steps, *param_boxes], nfe, api_visibility="private", show_progress="hidden")
         dice.click(lambda: random.randint(0, 2**31 - 1), None, seed, api_visibility="private")

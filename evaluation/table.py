@@ -20,23 +20,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(ROOT))
+from evaluation.evaluate import FeatureNet, reference, sample_images, statistics
+from pipelines.checkpoint import weights_digest
+from schedulers.registry import SAMPLERS, steps_for_nfe
 
-from evaluation.evaluate import FeatureNet, reference, sample_images, statistics  # noqa: E402
-from pipelines.checkpoint import weights_digest  # noqa: E402
-from schedulers.registry import steps_for_nfe  # noqa: E402
-
-ROWS = [
-    ("DDPM", "ddpm", {}),
-    ("DDIM η=0", "ddim", {"eta": 0.0}),
-    ("DDIM η=1", "ddim", {"eta": 1.0}),
-    ("Annealed Langevin", "langevin", {}),
-    ("VP-SDE Euler–Maruyama", "vp_sde", {}),
-    ("Predictor–corrector", "pc", {}),
-    ("Probability-flow ODE (Heun)", "pf_ode", {}),
-    ("DPM-Solver++ (2M)", "dpmsolver++", {}),
-]
+# (label, sampler, params): every registered sampler, under the variants its registry entry lists
+ROWS = [(label, name, params) for name, spec in SAMPLERS.items() for label, params in spec.table_rows()]
 NFES = (10, 20, 50, 100, 1000)
 
 

@@ -128,7 +128,7 @@ def resolve_checkpoint(source: str, allow_hub: bool = True, allowed_roots: Optio
 def ve_sampler_config(family: ModelFamily, num_train_timesteps: int = 1000) -> dict:
     """The linear DDPM schedule whose σ_t spans a VE network's σ range (in [-1, 1] pixels).
 
-    Every sampler sees the VE network through it (MATH.md §3): label t stands for σ_t.
+    Every sampler sees the VE network through it (docs/schedules.md#a-vp-schedule-for-a-ve-network): label t stands for σ_t.
     """
     c = (family.data_range[1] - family.data_range[0]) / 2.0  # σ in the samplers' [-1, 1] pixels is σ_net / c
     beta_start, beta_end = linear_betas_for_sigma_range(family.sigma_min / c, family.sigma_max / c, num_train_timesteps)

@@ -27,14 +27,12 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from schedulers.parametrization import EpsilonNetwork, ModelFamily, epsilon_to_x0, expand_like, vp_scales
-from schedulers.registry import create_scheduler, get_spec
+from data.images import make_grid, to_pil, to_uint8, to_unit_float  # noqa: F401  (make_grid, to_uint8: re-exported)
+from schedulers.parametrization import EpsilonNetwork, ModelFamily
+from schedulers.registry import LIMITS, create_scheduler, get_spec
 from schedulers.schedules import DiscreteVPSchedule
 
 from .checkpoint import CheckpointInfo, inspect_checkpoint, load_unet, ve_sampler_config
-
-MAX_NFE = 20_000
-MAX_BATCH = 10_000
 
 
 class SamplingDivergedError(RuntimeError):
@@ -63,48 +61,6 @@ class SampleOutput:
     sampler: str
     num_inference_steps: int
     params: dict = field(default_factory=dict)
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Model-range images ``[B, C, H, W]`` in [-1, 1] → uint8 ``[B, H, W, C]``."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def to_pil(x: torch.Tensor) -> list:
-    """Model-range images → PIL images (mode ``L`` for one channel)."""
-    from PIL import Image
-
-    arrays = to_uint8(x)
-    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
-
-
-def make_grid(images, nrow: int = 4, padding: int = 2, scale: int = 1):
-    """Tile PIL images, uint8/float ``[B, H, W, C]`` arrays or model-range tensors into one PIL image.
-
-    ``scale`` > 1 enlarges with nearest-neighbour, so small images stay sharp.
-    """
-    from PIL import Image
-
-    if isinstance(images, torch.Tensor):
-        arr = to_uint8(images)
-    elif isinstance(images, np.ndarray):
-        arr = images if images.dtype == np.uint8 else (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
-    else:
-        arr = np.stack([np.asarray(im) for im in images])
-    if arr.ndim == 3:
-        arr = arr[..., None]
-    b, h, w, c = arr.shape
-    ncol = min(nrow, b)
-    nrows = -(-b // ncol)
-    grid = np.full((nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), 255, dtype=np.uint8)
-    for i in range(b):
-        r, k = divmod(i, ncol)
-        grid[padding + r * (h + padding):padding + r * (h + padding) + h, padding + k * (w + padding):padding + k * (w + padding) + w] = arr[i]
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    return img
 
 
 class SamplerPipeline:
@@ -152,8 +108,9 @@ class SamplerPipeline:
 
     def _class_labels(self, class_labels, batch_size: int, guidance_scale: float) -> Optional[torch.Tensor]:
         f = self.family
-        if not (isinstance(guidance_scale, (int, float)) and np.isfinite(guidance_scale) and 0 <= guidance_scale <= 50):
-            raise ValueError(f"guidance_scale must be a number between 0 and 50, got {guidance_scale!r}")
+        w_max = LIMITS.max_guidance
+        if not (isinstance(guidance_scale, (int, float)) and np.isfinite(guidance_scale) and 0 <= guidance_scale <= w_max):
+            raise ValueError(f"guidance_scale must be a number between 0 and {w_max:g}, got {guidance_scale!r}")
         if class_labels is None:
             if f.is_conditional and f.null_class_label is None:
                 raise ValueError("class_labels: this checkpoint is class-conditional without a null label; "
@@ -178,16 +135,11 @@ class SamplerPipeline:
         """Build and set a fresh scheduler; validates the step count and parameters."""
         spec = get_spec(scheduler)
         steps = spec.default_steps if num_inference_steps is None else num_inference_steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
-            raise ValueError(f"num_inference_steps must be a positive whole number, got {steps!r}")
-        steps = int(steps)
-        if steps > MAX_NFE:
-            raise ValueError(f"num_inference_steps={steps} is more than the limit of {MAX_NFE} network evaluations")
-        sched, step_kwargs = create_scheduler(scheduler, self.sampler_config, scheduler_params)
+        if isinstance(steps, np.integer):
+            steps = int(steps)
+        sched, step_kwargs = create_scheduler(scheduler, self.sampler_config, scheduler_params)  # validates the parameters
+        steps = spec.check_steps(steps, self.sampler_config, scheduler_params)
         sched.set_timesteps(steps, device=self.device)
-        if len(sched.timesteps) > MAX_NFE:
-            raise ValueError(f"num_inference_steps={steps} with {scheduler} means {len(sched.timesteps)} network "
-                             f"evaluations, more than the limit of {MAX_NFE}")
         return sched, step_kwargs, steps
 
     @torch.no_grad()
@@ -217,7 +169,7 @@ class SamplerPipeline:
             seed: seeds a CPU ``torch.Generator``, so a seed gives the same images on any device.
             generator: used instead of ``seed`` when given.
             class_labels: an int or one per image, for class-conditional checkpoints.
-            guidance_scale: classifier-free guidance weight w (MATH.md §6); 1 = plain conditional.
+            guidance_scale: classifier-free guidance weight w (docs/guidance.md); 1 = plain conditional.
             output_type: ``"pil"``, ``"np"`` (float [0, 1], NHWC) or ``"pt"`` (raw tensor, model units).
             callback: called as ``callback(i, n, x_t, x0_hat)`` every ``callback_steps`` steps and at the end.
             callback_steps: how often ``callback`` is called.
@@ -229,8 +181,9 @@ class SamplerPipeline:
             SamplingDivergedError: the sample became non-finite.
         """
         spec = get_spec(scheduler)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= MAX_BATCH:
-            raise ValueError(f"batch_size must be a whole number between 1 and {MAX_BATCH}, got {batch_size!r}")
+        max_batch = LIMITS.max_batch
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= max_batch:
+            raise ValueError(f"batch_size must be a whole number between 1 and {max_batch}, got {batch_size!r}")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if not isinstance(callback_steps, int) or callback_steps < 1:
@@ -261,15 +214,14 @@ class SamplerPipeline:
             if callback is not None and ((i + 1) % callback_steps == 0 or i == n - 1):
                 x0_hat = getattr(out, "pred_original_sample", None)
                 if x0_hat is None:  # diffusers' multistep solvers: Tweedie from ε in the VP state
-                    alpha_t, sigma_t = vp_scales(self.schedule.alpha_bar_at(torch.as_tensor(float(t))))
-                    x0_hat = epsilon_to_x0(epsilon_hat, x, expand_like(alpha_t, x), expand_like(sigma_t, x))
+                    x0_hat = net.x0_hat(epsilon_hat, x, t)
                 callback(i, n, x_prev, x0_hat)
             x = x_prev
         seconds = time.perf_counter() - start
         if output_type == "pt":
             images = x
         elif output_type == "np":
-            images = to_uint8(x).astype(np.float32) / 255.0
+            images = to_unit_float(x)
         else:
             images = to_pil(x)
         params = {**spec.defaults(), **(scheduler_params or {})}

@@ -1,8 +1,9 @@
-"""The sampler registry: name → scheduler class, its defaults, its parameters, a description.
+"""The sampler registry: name → scheduler class, its defaults, its parameters, its limits, a description.
 
-The app builds its dropdown, tooltips and "Advanced" controls from it; the pipeline, the tests,
-the benchmark and the evaluation table iterate over it. diffusers' ``.compatibles`` never lists
-custom classes, so this list is explicit.
+The app builds its dropdown, tooltips, "Advanced" controls and slider ranges from it; the
+pipeline, the app's server-side validation, the tests, the benchmarks and the evaluation table
+iterate over it and read every limit from it (``SamplerSpec.steps_range``, ``Param.bounds`` and
+:data:`LIMITS`). No code outside this module asks which sampler it is running.
 """
 
 from __future__ import annotations
@@ -14,10 +15,31 @@ from typing import Any, Optional
 
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from .schedules import DiscreteVPSchedule
 from .scheduling_annealed_langevin import AnnealedLangevinScheduler
 from .scheduling_dpmsolver_clipped import ClippedDPMSolverMultistepScheduler
 from .scheduling_probability_flow import ProbabilityFlowScheduler
 from .scheduling_vp_sde import VPSDEScheduler
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits that hold for every sampler and checkpoint (sampler-specific ones are on :class:`SamplerSpec`).
+
+    Attributes:
+        max_nfe: network evaluations one sampling run may make.
+        max_batch: images one pipeline call may draw.
+        max_guidance: largest classifier-free guidance weight w accepted.
+        app_max_batch: images one request to the app may ask for (its gallery shows them all).
+    """
+
+    max_nfe: int = 20_000
+    max_batch: int = 10_000
+    max_guidance: float = 20.0
+    app_max_batch: int = 64
+
+
+LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -32,6 +54,7 @@ class Param:
         choices: allowed values for ``"choice"``.
         label: the symbol shown in the UI.
         help: one line for a tooltip.
+        sigma_bounded: a noise level σ: it must also lie in the checkpoint's σ range.
     """
 
     name: str
@@ -43,8 +66,18 @@ class Param:
     where: str = "config"
     label: str = ""
     help: str = ""
+    sigma_bounded: bool = False
 
-    def validate(self, value, sampler: str):
+    def bounds(self, base_config: Optional[dict] = None) -> tuple:
+        """(minimum, maximum) for this checkpoint: σ parameters are clamped to its σ range."""
+        lo, hi = self.minimum, self.maximum
+        if self.sigma_bounded and base_config:
+            schedule = DiscreteVPSchedule.from_config(base_config)
+            lo = max(lo, schedule.sigma_min) if lo is not None else schedule.sigma_min
+            hi = min(hi, schedule.sigma_max) if hi is not None else schedule.sigma_max
+        return lo, hi
+
+    def validate(self, value, sampler: str, base_config: Optional[dict] = None):
         """Return ``value`` coerced to the parameter's type, or raise ValueError naming it."""
         name = f"{sampler}: parameter {self.name!r}"
         if value is None:
@@ -69,8 +102,14 @@ class Param:
             if number != int(number):
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
             number = int(number)
-        if (self.minimum is not None and number < self.minimum) or (self.maximum is not None and number > self.maximum):
-            raise ValueError(f"{name} must be between {self.minimum:g} and {self.maximum:g}, got {value!r}")
+        lo, hi = self.bounds(base_config)
+        # σ bounds come from float64 schedules: allow for the rounding of a value shown to the user
+        slack = 1e-6 if self.sigma_bounded else 0.0
+        if (lo is not None and number < lo * (1 - slack)) or (hi is not None and number > hi * (1 + slack)):
+            if lo is None or hi is None:
+                raise ValueError(f"{name} must be {'at least ' + format(lo, '.4g') if hi is None else 'at most ' + format(hi, '.4g')}, "
+                                 f"got {value!r}")
+            raise ValueError(f"{name} must be between {lo:.4g} and {hi:.4g}, got {value!r}")
         return number
 
 
@@ -88,6 +127,11 @@ class SamplerSpec:
         config: fixed config overrides applied on top of the checkpoint's schedule.
         params: user-facing parameters.
         divergence_hint: what to lower when the sample turns non-finite.
+        min_steps: the smallest ``num_inference_steps``.
+        at_most_T: a discrete-time sampler that visits distinct training timesteps, so it takes at
+            most T = ``num_train_timesteps`` of the checkpoint's schedule.
+        variants: (label, params) rows under which the evaluation table and the benchmarks run
+            this sampler; empty means one row with the defaults.
     """
 
     name: str
@@ -99,6 +143,9 @@ class SamplerSpec:
     config: dict = field(default_factory=dict)
     params: tuple = ()
     divergence_hint: str = "use more steps"
+    min_steps: int = 1
+    at_most_T: bool = False
+    variants: tuple = ()
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -108,6 +155,41 @@ class SamplerSpec:
 
     def defaults(self) -> dict:
         return {p.name: p.default for p in self.params}
+
+    def table_rows(self) -> list:
+        """[(label, params)]: the rows this sampler contributes to tables and benchmarks."""
+        return [(label, dict(params)) for label, params in self.variants] or [(self.title, {})]
+
+    def steps_range(self, base_config: Optional[dict] = None, params: Optional[dict] = None) -> tuple[int, int]:
+        """(smallest, largest) ``num_inference_steps`` on a checkpoint with these parameters.
+
+        The largest is T for a discrete-time sampler, and in every case the largest step count
+        whose NFE stays within ``LIMITS.max_nfe`` (NFE is affine in the step count for every sampler).
+        """
+        hi = LIMITS.max_nfe
+        if self.at_most_T:
+            hi = min(hi, DiscreteVPSchedule.from_config(base_config or {}).num_train_timesteps)
+        lo = self.min_steps
+        n_lo, n_next = nfe_of(self.name, lo, params, base_config), nfe_of(self.name, lo + 1, params, base_config)
+        per_step = n_next - n_lo
+        if per_step > 0:
+            hi = min(hi, lo + (LIMITS.max_nfe - n_lo) // per_step)
+        return lo, max(lo, hi)
+
+    def check_steps(self, steps, base_config: Optional[dict] = None, params: Optional[dict] = None) -> int:
+        """``steps`` as an int, or ValueError naming the limit that it breaks."""
+        what = f"{self.title}: num_inference_steps" + (f" ({self.steps_label})" if self.steps_label != "steps" else "")
+        if isinstance(steps, bool) or not isinstance(steps, (int, float)) or steps != int(steps):
+            raise ValueError(f"{what} must be a whole number, got {steps!r}")
+        lo, hi = self.steps_range(base_config, params)
+        if not lo <= steps <= hi:
+            why = ""
+            if self.at_most_T and hi == DiscreteVPSchedule.from_config(base_config or {}).num_train_timesteps:
+                why = f" (the checkpoint's T = {hi} training timesteps)"
+            elif hi < LIMITS.max_nfe:
+                why = f" (at most {LIMITS.max_nfe:,} network evaluations)"
+            raise ValueError(f"{what} must be between {lo} and {hi}{why}, got {int(steps)}")
+        return int(steps)
 
 
 _CLIP = Param("clip_sample", "bool", True, label="clip x̂₀",
@@ -129,7 +211,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             "Ho et al. 2020, Algorithm 2: stochastic ancestral sampling with σ_t² = β̃_t; built for all 1000 steps.",
             default_steps=1000,
             config={"variance_type": "fixed_small", "timestep_spacing": "linspace"},
-            params=(_CLIP,),
+            params=(_CLIP,), at_most_T=True, variants=(("DDPM", {}),),
         ),
         SamplerSpec(
             "ddim", "DDIM", DDIMScheduler,
@@ -142,6 +224,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
                     Param("use_clipped_model_output", "bool", True, where="step", label="ε from clipped x̂₀",
                           help="recompute ε̂ from the clipped x̂₀ so the step stays consistent (keeps a small model "
                                "from carrying its noise errors to the end)")),
+            at_most_T=True, variants=(("DDIM η=0", {"eta": 0.0}), ("DDIM η=1", {"eta": 1.0})),
         ),
         SamplerSpec(
             "dpmsolver++", "DPM-Solver++ (2M)", ClippedDPMSolverMultistepScheduler,
@@ -152,6 +235,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             params=(Param("solver_order", "int", 2, 1, 3, label="order", help="order of the multistep solver"),
                     Param("thresholding", "bool", True, label="clip x̂₀",
                           help="threshold the data prediction x̂₀ to [-1, 1] (images)")),
+            at_most_T=True,
         ),
         SamplerSpec(
             "langevin", "Annealed Langevin (SMLD/NCSN)", AnnealedLangevinScheduler,
@@ -160,13 +244,16 @@ SAMPLERS: dict[str, SamplerSpec] = {
             default_steps=100, steps_label="noise levels L",
             params=(
                 Param("steps_per_level", "int", 3, 1, 100, label="K", help="Langevin steps per noise level"),
-                Param("epsilon", "float", 5e-5, 1e-8, 1e-3, label="ε",
-                      help="step size at the smallest σ; α_i = ε σ_i²/σ_L² (too large diverges)"),
-                Param("sigma_max", "float", None, 1e-3, 1e4, label="σ_1", help="largest noise level (default: from the checkpoint, ≤ 80)"),
-                Param("sigma_min", "float", None, 1e-4, 10.0, label="σ_L", help="smallest noise level (default: the checkpoint's)"),
+                Param("step_size", "float", 5e-5, 1e-8, 1e-3, label="step size ε",
+                      help="Langevin step size at the smallest σ; level i uses ε σ_i²/σ_L² (too large diverges)"),
+                Param("sigma_max", "float", None, label="σ_1", sigma_bounded=True,
+                      help="largest noise level (default: from the checkpoint, ≤ 80)"),
+                Param("sigma_min", "float", None, label="σ_L", sigma_bounded=True,
+                      help="smallest noise level (default: the checkpoint's)"),
                 Param("final_denoise", "bool", True, label="final denoise", help="end with x + σ_L² s (NCSNv2)"),
             ),
-            divergence_hint="lower the Langevin step size ε (epsilon)",
+            divergence_hint="lower the Langevin step size ε (step_size)",
+            min_steps=2, variants=(("Annealed Langevin", {}),),
         ),
         SamplerSpec(
             "vp_sde", "VP-SDE Euler–Maruyama", VPSDEScheduler,
@@ -181,7 +268,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             "(SNR-based step size) before every predictor step.",
             default_steps=500, config={"corrector_steps": 1},
             params=(_T_EPS, _corrector_steps(1), _SNR),
-            divergence_hint="lower the corrector SNR (snr)",
+            divergence_hint="lower the corrector SNR (snr)", variants=(("Predictor–corrector", {}),),
         ),
         SamplerSpec(
             "pf_ode", "Probability-flow ODE", ProbabilityFlowScheduler,
@@ -192,6 +279,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
                           help="Heun (2nd order, 2 NFE/step) or Euler"), _T_EPS, _CLIP,
                     Param("final_denoise", "bool", True, label="final denoise",
                           help="end with Tweedie's x̂₀ at t_ε (one more evaluation)")),
+            variants=(("Probability-flow ODE (Heun)", {}),),
         ),
     )
 }
@@ -205,8 +293,9 @@ def get_spec(name: str) -> SamplerSpec:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
 
 
-def resolve_params(name: str, params: Optional[dict] = None) -> dict:
-    """Registry defaults updated with ``params``, validated; rejects parameters that do not apply."""
+def resolve_params(name: str, params: Optional[dict] = None, base_config: Optional[dict] = None) -> dict:
+    """Registry defaults updated with ``params``, validated (σ parameters against ``base_config``'s σ range);
+    rejects parameters that do not apply."""
     spec = get_spec(name)
     values = spec.defaults()
     for key, value in (params or {}).items():
@@ -214,7 +303,7 @@ def resolve_params(name: str, params: Optional[dict] = None) -> dict:
             names = ", ".join(values) or "none"
             raise ValueError(f"parameter {key!r} does not apply to sampler {name!r} (its parameters: {names})")
         values[key] = value
-    return {key: spec.param(key).validate(value, name) for key, value in values.items()}
+    return {key: spec.param(key).validate(value, name, base_config) for key, value in values.items()}
 
 
 def create_scheduler(name: str, base_config: Optional[dict] = None, params: Optional[dict] = None):
@@ -231,21 +320,24 @@ def create_scheduler(name: str, base_config: Optional[dict] = None, params: Opti
         ``(scheduler, step_kwargs)``.
     """
     spec = get_spec(name)
-    values = resolve_params(name, params)
+    values = resolve_params(name, params, base_config)
     accepted = set(inspect.signature(spec.scheduler_cls.__init__).parameters) - {"self"}
     config = {"prediction_type": "epsilon", **(base_config or {}), **spec.config}
+    config = {k: v for k, v in config.items() if k in accepted}  # schedule keys this class has no use for
     step_kwargs = {}
     for key, value in values.items():
         if spec.param(key).where == "step":
             step_kwargs[key] = value
+        elif key not in accepted:  # a registry entry out of step with its class: never drop a user's value
+            raise TypeError(f"{spec.scheduler_cls.__name__} takes no config parameter {key!r} (registry entry {name!r})")
         elif value is not None:
             config[key] = value
-    config = {k: v for k, v in config.items() if k in accepted}
     return spec.scheduler_cls(**config), step_kwargs
 
 
 def nfe_of(name: str, num_inference_steps: int, params: Optional[dict] = None, base_config: Optional[dict] = None) -> int:
-    """Network evaluations a sampling run will make: ``len(scheduler.timesteps)``."""
+    """Network evaluations a sampling run will make: ``len(scheduler.timesteps)`` (no range check here:
+    see :meth:`SamplerSpec.check_steps`)."""
     scheduler, _ = create_scheduler(name, base_config, params)
     scheduler.set_timesteps(num_inference_steps)
     return len(scheduler.timesteps)
@@ -254,8 +346,8 @@ def nfe_of(name: str, num_inference_steps: int, params: Optional[dict] = None, b
 def steps_for_nfe(name: str, nfe: int, params: Optional[dict] = None, base_config: Optional[dict] = None) -> int:
     """The ``num_inference_steps`` whose NFE is closest to ``nfe`` (for tables at equal cost)."""
     best, best_gap = None, None
-    lo = 2 if name == "langevin" else 1
-    for steps in range(lo, max(lo, nfe) + 1):
+    lo, hi = get_spec(name).steps_range(base_config, params)
+    for steps in range(lo, min(hi, max(lo, nfe)) + 1):
         try:
             n = nfe_of(name, steps, params, base_config)
         except ValueError:

@@ -37,7 +37,7 @@ def test_make_request_validates_everything(cond_ckpt, monkeypatch):
         (dict(steps=0), "between"), (dict(steps=2.5), "whole number"), (dict(steps="ten"), "number"),
         (dict(batch_size=1000), "batch size"), (dict(seed=-1), "seed"), (dict(sampler="nope"), "Unknown sampler"),
         (dict(digit=12), "digit"), (dict(guidance_scale=float("inf")), "finite"),
-        (dict(sampler="langevin", params={"epsilon": 0.5}), "epsilon"),
+        (dict(sampler="langevin", params={"step_size": 0.5}), "step_size"),
         (dict(sampler="ddpm", steps=5000), "1000"),
     ]
     base = dict(checkpoint=cond_ckpt, sampler="ddim", steps=10, params={}, seed=0, batch_size=2, digit=1, guidance_scale=1.0)
@@ -105,7 +105,7 @@ def test_errors_keep_the_app_alive(tmp_path, cond_ckpt, monkeypatch):
     monkeypatch.setattr(pipe, "unet", Exploding())
     req = service.make_request(cond_ckpt, "langevin", 10, {}, 0, 1, None, 1.0)
     last = list(service.generate(req))[-1]
-    assert last.done and last.images is None and "non-finite" in last.status and "epsilon" in last.status
+    assert last.done and last.images is None and "non-finite" in last.status and "step_size" in last.status
 
 
 def test_space_refuses_local_paths_outside_the_app(cond_ckpt, monkeypatch):
@@ -170,7 +170,7 @@ def test_bundled_checkpoints_load_and_sample():
 def test_labelled_grid_fits_long_labels_on_small_images():
     from PIL import Image, ImageDraw
 
-    from ui.service import _label_font, labelled_grid
+    from ui.outputs import _label_font, labelled_grid
 
     label = "VP-SDE Euler–Maruyama · NFE 1000 · 12.3s"
     grid = labelled_grid([(label, Image.new("L", (32, 32), 255)), ("DDIM", Image.new("L", (32, 32), 255))], ncol=2)
