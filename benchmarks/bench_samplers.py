@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from types import SimpleNamespace
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from diffusers import UNet2DModel

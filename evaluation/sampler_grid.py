@@ -12,15 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(ROOT))
-
-from pipelines import SamplerPipeline, make_grid  # noqa: E402
-from schedulers.registry import SAMPLERS  # noqa: E402
-from ui.service import labelled_grid  # noqa: E402
+from pipelines import SamplerPipeline, make_grid
+from schedulers.registry import SAMPLERS
+from ui.service import labelled_grid
 
 
 def main(argv=None) -> int:

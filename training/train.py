@@ -8,7 +8,7 @@ follow diffusers' ``examples/unconditional_image_generation/train_unconditional.
 names, AdamW + warmup/cosine LR, EMA, ``accelerator.save_state`` checkpoints) with these
 differences, each for a reason:
 
-- The data set is decoded and normalised once into memory (``training/data.py``); a step only
+- The data set is decoded and normalised once into memory (``data/sources.py``); a step only
   indexes it. That is most of the speed-up over the per-step image transforms of the example.
 - Every random draw of optimizer step k (data order, noise, σ or t, label dropout) comes from
   generators seeded by (seed, k, rank), so a resumed run repeats the uninterrupted run exactly.
@@ -26,35 +26,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # `accelerate launch training/train.py`: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
-from training.data import DataError, load_training_data
+from data.sources import DataError, load_training_data
+from training.checkpointing import (  # noqa: F401  (STATE_FILE, CHECKPOINT_PREFIX: part of this module's interface)
+    CHECKPOINT_PREFIX, STATE_FILE, TrainingError, find_checkpoint, read_training_state, save_training_state,
+)
 from training.losses import ddpm_loss, ncsn_loss
 from training.presets import PRESETS, unet_config
-
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "lab_state.json"  # written last: a checkpoint folder without it is incomplete
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or continue; the message says why and what to do."""
+from training.reports import build_model_card, save_sample_grid
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("objective")
     g.add_argument("--objective", choices=("ddpm", "ncsn"), default="ddpm",
-                   help="ddpm: VP ε/x₀/v objective (MATH.md §1); ncsn: VE denoising score matching (§4)")
+                   help="ddpm: VP ε/x₀/v objective; ncsn: VE denoising score matching (docs/schedules.md)")
     g.add_argument("--prediction_type", choices=("epsilon", "sample", "v_prediction"), default="epsilon", help="ddpm only")
     g.add_argument("--num_train_timesteps", type=int, default=1000, help="ddpm: T")
     g.add_argument("--beta_schedule", default="linear", choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
@@ -74,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("conditioning")
     g.add_argument("--class_conditional", action=argparse.BooleanOptionalAction, default=None,
                    help="train with class labels (default: when the data has labels)")
-    g.add_argument("--p_uncond", type=float, default=0.1, help="label dropout for classifier-free guidance (MATH.md §6)")
+    g.add_argument("--p_uncond", type=float, default=0.1, help="label dropout for classifier-free guidance (docs/guidance.md)")
     g = p.add_argument_group("model")
     g.add_argument("--model_preset", default="cpu-small", choices=sorted(PRESETS))
     g.add_argument("--model_config", default=None, help="UNet2DModel config JSON (overrides --model_preset)")
@@ -126,18 +118,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def find_checkpoint(output_dir: Path, which: str) -> Path | None:
-    """The newest complete checkpoint (``latest``) or the named folder; None if there is none yet."""
-    if which != "latest":
-        path = Path(which)
-        if not (path / STATE_FILE).exists():
-            raise TrainingError(f"--resume_from_checkpoint {which}: not a complete checkpoint folder (no {STATE_FILE})")
-        return path
-    root = output_dir / "checkpoints"
-    done = [d for d in root.glob(f"{CHECKPOINT_PREFIX}*") if (d / STATE_FILE).exists()] if root.exists() else []
-    return max(done, key=lambda d: int(d.name[len(CHECKPOINT_PREFIX):])) if done else None
-
-
 def step_generator(seed: int, step: int, rank: int, micro: int = 0) -> torch.Generator:
     """The generator of one micro-batch: a pure function of (seed, step, rank, micro)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + micro * 104_729 + rank * 15_485_863) % (2**63))
@@ -155,306 +135,321 @@ def batch_indices(num_items: int, batch_size: int, num_processes: int, rank: int
     return idx
 
 
-def build_model_card(args, family, data, n_params, state, command) -> str:
-    hours = state["train_seconds"] / 3600
-    lines = [
-        "---", "library_name: diffusers", "tags: [diffusion, mnist, sampler-lab]", "---", "",
-        f"# {Path(args.output_dir).name}: {'DDPM (VP, ' + args.prediction_type + '-prediction)' if family.kind == 'vp' else 'NCSN (VE score network)'}",
-        "", f"Trained with this project's `training/train.py` on {data.source}.", "",
-        "| | |", "|---|---|",
-        f"| objective | {args.objective} |",
-        f"| parameters | {n_params:,} |",
-        f"| resolution | {args.resolution}×{args.resolution}×{data.images.shape[1]} |",
-        f"| conditioning | {'class-conditional, ' + str(data.num_classes) + ' classes, label dropout p=' + str(args.p_uncond) if family.is_conditional else 'unconditional'} |",
-        f"| optimizer steps | {state['step']:,} (batch {args.train_batch_size} × {state['num_processes']} processes × {args.gradient_accumulation_steps} accumulation) |",
-        f"| training time | {hours:.2f} h of wall time ({state['device']}) |",
-        f"| final loss (running mean of the last 100 steps) | {state['loss_ema']:.4f} |",
-        "", "## Command", "", "```bash", command, "```", "",
-        "The resolved arguments are in `training_args.json`.", "",
-    ]
-    return "\n".join(lines)
+class Trainer:
+    """One training run, set up in the order a reader meets it: accelerator, data, model, optimisation,
+    resume; then :meth:`run` loops over optimizer steps (:meth:`train_step`), logs, checkpoints and exports.
 
+    Args:
+        args: the parsed arguments (:func:`parse_args`).
+        argv: the command line as given, for the model card.
+    """
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-    from diffusers import UNet2DModel
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
+    def __init__(self, args: argparse.Namespace, argv=None):
+        self.args = args
+        self.output_dir = Path(args.output_dir)
+        self.command = "accelerate launch training/train.py " + " ".join(
+            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        self._setup_accelerator()
+        self._load_data()
+        self._build_model()
+        self._build_optimisation()
+        self._resume()
 
-    from pipelines.checkpoint import save_checkpoint, weights_digest
-    from schedulers.parametrization import ModelFamily
-    from schedulers.schedules import DiscreteVPSchedule
+    # ---- set-up -------------------------------------------------------------------------------------------
+    def _setup_accelerator(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
 
-    output_dir = Path(args.output_dir)
-    report_to = args.report_to
-    if report_to == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            report_to = None
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=None if report_to in (None, "none") else report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-    )
-    rank, world = accelerator.process_index, accelerator.num_processes
-    main_proc = accelerator.is_main_process
+        args = self.args
+        report_to = args.report_to
+        if report_to == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                report_to = None
+        self.report_to = None if report_to in (None, "none") else report_to
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+            log_with=self.report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
+                                                logging_dir=str(self.output_dir / args.logging_dir)),
+        )
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.main_proc = self.accelerator.is_main_process
 
-    def say(msg: str):
-        if main_proc:
+    def say(self, msg: str) -> None:
+        if self.main_proc:
             print(msg, flush=True)
 
-    # ---- data (decoded once) ----
-    if args.model_config and args.channels is None:
-        cfg = json.loads(Path(args.model_config).read_text()) if Path(args.model_config).exists() else {}
-        args.channels = cfg.get("in_channels")
-    try:
-        data = load_training_data(args)
-    except DataError as err:
-        raise TrainingError(f"bad training data: {err}") from err
-    conditional = args.class_conditional if args.class_conditional is not None else data.labels is not None
-    if conditional and data.labels is None:
-        raise TrainingError("--class_conditional needs labelled data (sub-folders of --train_data_dir, or --label_column)")
-    num_classes = data.num_classes if conditional else None
-    null_label = num_classes if (conditional and args.p_uncond > 0) else None
-    num_class_embeds = None if not conditional else num_classes + (1 if null_label is not None else 0)
-
-    # ---- model ----
-    torch.manual_seed(args.seed)
-    config = unet_config(args.model_preset, args.model_config, resolution=args.resolution, channels=data.images.shape[1],
-                         objective=args.objective, num_class_embeds=num_class_embeds)
-    unet = UNet2DModel(**config)
-    if args.objective == "ncsn":  # Fourier features of log σ at the requested scale
-        unet.time_proj.weight.data = torch.randn(unet.time_proj.weight.shape) * args.fourier_scale
-    n_params = sum(p.numel() for p in unet.parameters())
-    if args.objective == "ddpm":
-        schedule = DiscreteVPSchedule(args.num_train_timesteps, args.beta_start, args.beta_end, args.beta_schedule)
-        family = ModelFamily(kind="vp", prediction_type=args.prediction_type, num_class_embeds=num_class_embeds,
-                             null_class_label=null_label)
-        sampler_config = {"num_train_timesteps": args.num_train_timesteps, "beta_start": args.beta_start,
-                          "beta_end": args.beta_end, "beta_schedule": args.beta_schedule}
-        alphas_cumprod = schedule.alphas_cumprod.float().to(accelerator.device)
-    else:
-        family = ModelFamily(kind="ve", prediction_type="score", data_range=(-1.0, 1.0), sigma_min=args.sigma_min,
-                             sigma_max=args.sigma_max, input_scaling=args.ncsn_input_scaling,
-                             num_class_embeds=num_class_embeds, null_class_label=null_label)
-        sampler_config = {}
-
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
-                       power=args.ema_power, model_cls=UNet2DModel, model_config=unet.config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    per_epoch = max(1, len(data) // (args.train_batch_size * world * args.gradient_accumulation_steps))
-    max_steps = args.max_train_steps or args.num_epochs * per_epoch
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=max_steps)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    images = data.images.to(accelerator.device)
-    labels = data.labels.to(accelerator.device) if conditional else None
-
-    # ---- resume ----
-    state = {"step": 0, "train_seconds": 0.0, "loss_ema": float("nan"), "num_processes": world,
-             "device": f"{accelerator.device.type} × {world}"}
-    resume_from = None
-    if args.resume_from_checkpoint:
-        resume_from = find_checkpoint(output_dir, args.resume_from_checkpoint)
-        if resume_from is None:
-            say(f"--resume_from_checkpoint latest: no checkpoint in {output_dir / 'checkpoints'} yet; starting from step 0")
-        else:
-            accelerator.load_state(str(resume_from))
-            saved = json.loads((resume_from / STATE_FILE).read_text())
-            if saved.get("num_processes", world) != world:
-                say(f"note: the checkpoint was written by {saved['num_processes']} processes, resuming with {world}; "
-                    "the data order differs from an uninterrupted run")
-            state.update({k: saved[k] for k in ("step", "train_seconds", "loss_ema") if k in saved})
-            say(f"resumed from {resume_from} at step {state['step']}")
-
-    command = "accelerate launch training/train.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    resolved = {**vars(args), "max_train_steps": max_steps, "num_processes": world, "unet_config": config,
-                "data_source": data.source, "num_train_images": len(data), "class_names": data.class_names if conditional else None}
-
-    def export_model():
-        """Write the EMA (or raw) weights as a diffusers checkpoint folder (main process only)."""
-        model = accelerator.unwrap_model(unet)
-        if ema is not None:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
+    def _load_data(self) -> None:
+        """Decode the data once; decide conditioning and the null label of classifier-free guidance."""
+        args = self.args
+        if args.model_config and args.channels is None:
+            cfg = json.loads(Path(args.model_config).read_text()) if Path(args.model_config).exists() else {}
+            args.channels = cfg.get("in_channels")
         try:
-            if main_proc:
-                save_checkpoint(output_dir / "model", model, family, sampler_config, training_args=resolved,
-                                model_card=build_model_card(args, family, data, n_params, state, command),
-                                lab_extra={"class_names": data.class_names if conditional else None})
-            if main_proc and args.save_images_steps:
-                save_sample_grid(model, family, sampler_config, output_dir / "samples" / f"step-{state['step']:07d}.png",
-                                 num_classes, accelerator)
+            self.data = load_training_data(args)
+        except DataError as err:
+            raise TrainingError(f"bad training data: {err}") from err
+        data = self.data
+        self.conditional = args.class_conditional if args.class_conditional is not None else data.labels is not None
+        if self.conditional and data.labels is None:
+            raise TrainingError("--class_conditional needs labelled data (sub-folders of --train_data_dir, or --label_column)")
+        self.num_classes = data.num_classes if self.conditional else None
+        self.null_label = self.num_classes if (self.conditional and args.p_uncond > 0) else None
+        self.num_class_embeds = None if not self.conditional else self.num_classes + (1 if self.null_label is not None else 0)
+        self.images = data.images.to(self.accelerator.device)
+        self.labels = data.labels.to(self.accelerator.device) if self.conditional else None
+
+    def _build_model(self) -> None:
+        """The UNet and the model family (what the pipeline needs to sample it)."""
+        from diffusers import UNet2DModel
+
+        from schedulers.parametrization import ModelFamily
+        from schedulers.schedules import DiscreteVPSchedule
+
+        args = self.args
+        torch.manual_seed(args.seed)
+        self.unet_config = unet_config(args.model_preset, args.model_config, resolution=args.resolution,
+                                       channels=self.data.images.shape[1], objective=args.objective,
+                                       num_class_embeds=self.num_class_embeds)
+        self.unet = UNet2DModel(**self.unet_config)
+        if args.objective == "ncsn":  # Fourier features of log σ at the requested scale
+            self.unet.time_proj.weight.data = torch.randn(self.unet.time_proj.weight.shape) * args.fourier_scale
+        self.n_params = sum(p.numel() for p in self.unet.parameters())
+        if args.objective == "ddpm":
+            schedule = DiscreteVPSchedule(args.num_train_timesteps, args.beta_start, args.beta_end, args.beta_schedule)
+            self.family = ModelFamily(kind="vp", prediction_type=args.prediction_type,
+                                      num_class_embeds=self.num_class_embeds, null_class_label=self.null_label)
+            self.sampler_config = {"num_train_timesteps": args.num_train_timesteps, "beta_start": args.beta_start,
+                                   "beta_end": args.beta_end, "beta_schedule": args.beta_schedule}
+            self.alphas_cumprod = schedule.alphas_cumprod.float().to(self.accelerator.device)
+        else:
+            self.family = ModelFamily(kind="ve", prediction_type="score", data_range=(-1.0, 1.0), sigma_min=args.sigma_min,
+                                      sigma_max=args.sigma_max, input_scaling=args.ncsn_input_scaling,
+                                      num_class_embeds=self.num_class_embeds, null_class_label=self.null_label)
+            self.sampler_config = {}
+
+    def _build_optimisation(self) -> None:
+        """AdamW, the LR schedule and EMA, prepared and registered for checkpointing."""
+        from diffusers import UNet2DModel
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+
+        args, accelerator = self.args, self.accelerator
+        self.ema = None
+        if args.use_ema:
+            self.ema = EMAModel(self.unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True,
+                                inv_gamma=args.ema_inv_gamma, power=args.ema_power, model_cls=UNet2DModel,
+                                model_config=self.unet.config)
+        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                      weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        per_epoch = max(1, len(self.data) // (args.train_batch_size * self.world * args.gradient_accumulation_steps))
+        self.max_steps = args.max_train_steps or args.num_epochs * per_epoch
+        self.lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                          num_training_steps=self.max_steps)
+        self.unet, self.optimizer = accelerator.prepare(self.unet, optimizer)
+        accelerator.register_for_checkpointing(self.lr_scheduler)
+        if self.ema is not None:
+            self.ema.to(accelerator.device)
+            accelerator.register_for_checkpointing(self.ema)
+
+    def _resume(self) -> None:
+        """Start at step 0, or restore the newest (or named) checkpoint."""
+        self.state = {"step": 0, "train_seconds": 0.0, "loss_ema": float("nan"), "num_processes": self.world,
+                      "device": f"{self.accelerator.device.type} × {self.world}"}
+        self.last_checkpoint = None
+        which = self.args.resume_from_checkpoint
+        if not which:
+            return
+        folder = find_checkpoint(self.output_dir, which)
+        if folder is None:
+            self.say(f"--resume_from_checkpoint latest: no checkpoint in {self.output_dir / 'checkpoints'} yet; starting from step 0")
+            return
+        self.accelerator.load_state(str(folder))
+        saved = read_training_state(folder)
+        if saved.get("num_processes", self.world) != self.world:
+            self.say(f"note: the checkpoint was written by {saved['num_processes']} processes, resuming with {self.world}; "
+                     "the data order differs from an uninterrupted run")
+        self.state.update({k: saved[k] for k in ("step", "train_seconds", "loss_ema") if k in saved})
+        self.last_checkpoint = folder
+        self.say(f"resumed from {folder} at step {self.state['step']}")
+
+    # ---- outputs ------------------------------------------------------------------------------------------
+    def resolved_args(self) -> dict:
+        """The arguments as the run used them (``training_args.json``)."""
+        return {**vars(self.args), "max_train_steps": self.max_steps, "num_processes": self.world,
+                "unet_config": self.unet_config, "data_source": self.data.source, "num_train_images": len(self.data),
+                "class_names": self.data.class_names if self.conditional else None}
+
+    def _with_ema_weights(self, fn) -> None:
+        """Call ``fn(model)`` with the EMA weights swapped in (the raw ones when EMA is off)."""
+        model = self.accelerator.unwrap_model(self.unet)
+        if self.ema is not None:
+            self.ema.store(model.parameters())
+            self.ema.copy_to(model.parameters())
+        try:
+            fn(model)
         finally:
-            if ema is not None:
-                ema.restore(model.parameters())
+            if self.ema is not None:
+                self.ema.restore(model.parameters())
 
-    def save_training_state():
-        accelerator.wait_for_everyone()
-        root = output_dir / "checkpoints"
-        final = root / f"{CHECKPOINT_PREFIX}{state['step']}"
-        tmp = root / f".tmp-{CHECKPOINT_PREFIX}{state['step']}"
-        if main_proc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if main_proc:
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # complete checkpoints only ever appear under their final name
-            done = sorted((d for d in root.glob(f"{CHECKPOINT_PREFIX}*") if (d / STATE_FILE).exists()),
-                          key=lambda d: int(d.name[len(CHECKPOINT_PREFIX):]))
-            for old in done[:-args.checkpoints_total_limit] if args.checkpoints_total_limit else []:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+    def export_model(self) -> None:
+        """Write the EMA (or raw) weights as a diffusers checkpoint folder ``<output_dir>/model`` (main process only)."""
+        from pipelines.checkpoint import save_checkpoint
 
-    if report_to not in (None, "none") and main_proc:
-        accelerator.init_trackers("train", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-    say(f"{n_params:,} parameters; {len(data)} images from {data.source}; {max_steps} steps of "
-        f"{args.train_batch_size}×{world}×{args.gradient_accumulation_steps} images; objective {args.objective}")
+        if not self.main_proc:
+            return
 
-    log_path = output_dir / "train_log.jsonl"  # one line per optimizer step: step, loss, lr
-    if main_proc:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if log_path.exists():  # after a resume, drop the steps that are about to be redone
-            kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= state["step"]]
-        log_path.write_text("".join(ln + "\n" for ln in kept))
-    progress = None
-    if main_proc and not args.no_progress:
-        from tqdm.auto import tqdm
+        def export(model):
+            save_checkpoint(self.output_dir / "model", model, self.family, self.sampler_config,
+                            training_args=self.resolved_args(),
+                            model_card=build_model_card(self.args, self.family, self.data, self.n_params, self.state,
+                                                        self.command),
+                            lab_extra={"class_names": self.data.class_names if self.conditional else None})
+            if self.args.save_images_steps:
+                self.save_samples(model)
 
-        progress = tqdm(total=max_steps, initial=state["step"], desc="train", dynamic_ncols=True)
-    unet.train()
-    last_ckpt = resume_from
-    t_start, imgs_since, t_since = time.time(), 0, time.time()
-    base_seconds = state["train_seconds"]
-    while state["step"] < max_steps:
-        step = state["step"]
-        torch.manual_seed(step_generator(args.seed, step, rank).initial_seed())  # dropout etc.
+        self._with_ema_weights(export)
+
+    def save_samples(self, model, ema=None) -> None:
+        save_sample_grid(model, self.family, self.sampler_config,
+                         self.output_dir / "samples" / f"step-{self.state['step']:07d}.png", self.num_classes,
+                         self.accelerator, ema=ema)
+
+    def checkpoint(self) -> None:
+        self.last_checkpoint = save_training_state(self.accelerator, self.output_dir, self.state,
+                                                   self.args.checkpoints_total_limit)
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step (with gradient accumulation); every random draw comes from (seed, step, rank, micro)."""
+        args, accelerator, unet = self.args, self.accelerator, self.unet
+        torch.manual_seed(step_generator(args.seed, step, self.rank).initial_seed())  # dropout etc.
         for micro in range(args.gradient_accumulation_steps):
-            gen = step_generator(args.seed, step, rank, micro)
+            gen = step_generator(args.seed, step, self.rank, micro)
             k = step * args.gradient_accumulation_steps + micro
-            idx = batch_indices(len(data), args.train_batch_size, world, rank, args.seed, k).to(images.device)
-            x_0 = images[idx]
+            idx = batch_indices(len(self.data), args.train_batch_size, self.world, self.rank, args.seed, k).to(self.images.device)
+            x_0 = self.images[idx]
             if args.random_flip:
-                flip = (torch.rand(len(idx), generator=gen) < 0.5).to(images.device)
+                flip = (torch.rand(len(idx), generator=gen) < 0.5).to(self.images.device)
                 x_0 = torch.where(flip.view(-1, 1, 1, 1), x_0.flip(-1), x_0)
             class_labels = None
-            if conditional:
-                class_labels = labels[idx]
-                if null_label is not None:  # label dropout for classifier-free guidance
-                    drop = (torch.rand(len(idx), generator=gen) < args.p_uncond).to(images.device)
-                    class_labels = torch.where(drop, torch.full_like(class_labels, null_label), class_labels)
+            if self.conditional:
+                class_labels = self.labels[idx]
+                if self.null_label is not None:  # label dropout for classifier-free guidance
+                    drop = (torch.rand(len(idx), generator=gen) < args.p_uncond).to(self.images.device)
+                    class_labels = torch.where(drop, torch.full_like(class_labels, self.null_label), class_labels)
             with accelerator.accumulate(unet):
                 if args.objective == "ddpm":
-                    loss = ddpm_loss(unet, x_0, alphas_cumprod, gen, args.prediction_type, class_labels)
+                    loss = ddpm_loss(unet, x_0, self.alphas_cumprod, gen, args.prediction_type, class_labels)
                 else:
-                    loss = ncsn_loss(unet, x_0, args.sigma_min, args.sigma_max, gen, args.num_sigma_levels or None, class_labels,
-                                     args.ncsn_input_scaling, args.sigma_sampling)
-                finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() == 1.0
-                if not finite:
-                    hint = ("fp16 overflow: try --mixed_precision bf16 or no" if args.mixed_precision == "fp16" else
-                            f"the learning rate {lr_scheduler.get_last_lr()[0]:.2e} is probably too high: try --learning_rate "
-                            f"{args.learning_rate / 10:.1e}, or check the data for NaN pixels")
-                    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                    raise TrainingError(f"non-finite loss at step {step + 1} (objective {args.objective}); likely cause: {hint}; "
-                                        f"{where}. Fix the setting and run again with --resume_from_checkpoint latest.")
+                    loss = ncsn_loss(unet, x_0, args.sigma_min, args.sigma_max, gen, args.num_sigma_levels or None,
+                                     class_labels, args.ncsn_input_scaling, args.sigma_sampling)
+                self._check_finite(loss, step)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
-        if ema is not None:
-            ema.step(unet.parameters())
-        state["step"] = step + 1
-        loss_value = loss.item()
-        state["loss_ema"] = loss_value if math.isnan(state["loss_ema"]) else 0.99 * state["loss_ema"] + 0.01 * loss_value
-        state["train_seconds"] = base_seconds + (time.time() - t_start)
-        imgs_since += args.train_batch_size * world * args.gradient_accumulation_steps
-        if main_proc:
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps({"step": state["step"], "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}) + "\n")
-            if report_to not in (None, "none"):
-                accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=state["step"])
-            if progress is not None:
-                progress.update(1)
-                if state["step"] % 10 == 0:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(unet.parameters())
+        return loss
+
+    def _check_finite(self, loss: torch.Tensor, step: int) -> None:
+        """Stop every process with one message when any rank's loss is not finite."""
+        args = self.args
+        finite = self.accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() == 1.0
+        if finite:
+            return
+        hint = ("fp16 overflow: try --mixed_precision bf16 or no" if args.mixed_precision == "fp16" else
+                f"the learning rate {self.lr_scheduler.get_last_lr()[0]:.2e} is probably too high: try --learning_rate "
+                f"{args.learning_rate / 10:.1e}, or check the data for NaN pixels")
+        where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+        raise TrainingError(f"non-finite loss at step {step + 1} (objective {args.objective}); likely cause: {hint}; "
+                            f"{where}. Fix the setting and run again with --resume_from_checkpoint latest.")
+
+    def _open_log(self) -> Path:
+        """``train_log.jsonl``, one line per optimizer step; after a resume the steps about to be redone are dropped."""
+        log_path = self.output_dir / "train_log.jsonl"
+        if self.main_proc:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if log_path.exists():
+                kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.state["step"]]
+            log_path.write_text("".join(ln + "\n" for ln in kept))
+        return log_path
+
+    def run(self) -> int:
+        """Train to ``max_steps``, checkpointing and exporting on the way; returns 0."""
+        args, accelerator, state = self.args, self.accelerator, self.state
+        if self.report_to and self.main_proc:
+            accelerator.init_trackers("train", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        self.say(f"{self.n_params:,} parameters; {len(self.data)} images from {self.data.source}; {self.max_steps} steps of "
+                 f"{args.train_batch_size}×{self.world}×{args.gradient_accumulation_steps} images; objective {args.objective}")
+        log_path = self._open_log()
+        progress = None
+        if self.main_proc and not args.no_progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.max_steps, initial=state["step"], desc="train", dynamic_ncols=True)
+        self.unet.train()
+        t_start, imgs_since, t_since = time.time(), 0, time.time()
+        base_seconds = state["train_seconds"]
+        while state["step"] < self.max_steps:
+            loss_value = self.train_step(state["step"]).item()
+            state["step"] += 1
+            state["loss_ema"] = loss_value if math.isnan(state["loss_ema"]) else 0.99 * state["loss_ema"] + 0.01 * loss_value
+            state["train_seconds"] = base_seconds + (time.time() - t_start)
+            imgs_since += args.train_batch_size * self.world * args.gradient_accumulation_steps
+            lr = self.lr_scheduler.get_last_lr()[0]
+            if self.main_proc:
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps({"step": state["step"], "loss": loss_value, "lr": lr}) + "\n")
+                if self.report_to:
+                    accelerator.log({"loss": loss_value, "lr": lr}, step=state["step"])
+                every = 10 if progress is not None else 100
+                if progress is not None:
+                    progress.update(1)
+                if state["step"] % every == 0 or state["step"] == self.max_steps:
                     rate = imgs_since / max(time.time() - t_since, 1e-9)
-                    progress.set_postfix(loss=f"{state['loss_ema']:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}",
-                                         img_s=f"{rate:.0f}")
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{state['loss_ema']:.4f}", lr=f"{lr:.1e}", img_s=f"{rate:.0f}")
+                    else:
+                        print(f"step {state['step']}/{self.max_steps} loss {state['loss_ema']:.4f} lr {lr:.2e} {rate:.0f} img/s",
+                              flush=True)
                     imgs_since, t_since = 0, time.time()
-            elif state["step"] % 100 == 0 or state["step"] == max_steps:
-                rate = imgs_since / max(time.time() - t_since, 1e-9)
-                print(f"step {state['step']}/{max_steps} loss {state['loss_ema']:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e} "
-                      f"{rate:.0f} img/s", flush=True)
-                imgs_since, t_since = 0, time.time()
-        if args.checkpointing_steps and state["step"] % args.checkpointing_steps == 0 and state["step"] < max_steps:
-            save_training_state()
-            last_ckpt = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{state['step']}"
-            export_model()
-        elif args.save_images_steps and state["step"] % args.save_images_steps == 0 and main_proc:
-            model = accelerator.unwrap_model(unet)
-            save_sample_grid(model, family, sampler_config, output_dir / "samples" / f"step-{state['step']:07d}.png",
-                             num_classes, accelerator, ema=ema)
-    if progress is not None:
-        progress.close()
-    save_training_state()
-    export_model()
-    accelerator.end_training()
-    print(f"[rank {rank}] weights sha256 {weights_digest(accelerator.unwrap_model(unet))}", flush=True)
-    say(f"done: {state['step']} steps, loss {state['loss_ema']:.4f}, model in {output_dir / 'model'}")
-    return 0
+            if args.checkpointing_steps and state["step"] % args.checkpointing_steps == 0 and state["step"] < self.max_steps:
+                self.checkpoint()
+                self.export_model()
+            elif args.save_images_steps and state["step"] % args.save_images_steps == 0 and self.main_proc:
+                self.save_samples(accelerator.unwrap_model(self.unet), ema=self.ema)
+        if progress is not None:
+            progress.close()
+        self.checkpoint()
+        self.export_model()
+        accelerator.end_training()
+        from pipelines.checkpoint import weights_digest
+
+        print(f"[rank {self.rank}] weights sha256 {weights_digest(accelerator.unwrap_model(self.unet))}", flush=True)
+        self.say(f"done: {state['step']} steps, loss {state['loss_ema']:.4f}, model in {self.output_dir / 'model'}")
+        return 0
 
 
-def save_sample_grid(model, family, sampler_config, path: Path, num_classes, accelerator, ema=None):
-    """Sample a 4×4 grid with the project's own pipeline (DDIM, 25 steps) and save it as PNG."""
-    if ema is not None:
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
-    was_training = model.training
-    model.eval()
-    try:
-        from pipelines.sampling import SamplerPipeline, make_grid
-
-        pipe = SamplerPipeline(model, family, sampler_config)
-        labels = [i % num_classes for i in range(16)] if num_classes else None
-        out = pipe(scheduler="ddim", num_inference_steps=25, batch_size=16, seed=0, class_labels=labels,
-                   guidance_scale=3.0 if family.null_class_label is not None else 1.0, output_type="np")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid = make_grid(out.images, nrow=4)
-        grid.save(path)
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                import numpy as np
-
-                tracker.writer.add_image("samples", np.asarray(grid), int(path.stem.split("-")[-1]), dataformats="HWC"
-                                         if np.asarray(grid).ndim == 3 else "HW")
-    except Exception as err:  # a failed preview must never stop training
-        print(f"warning: sample grid failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-    finally:
-        if was_training:
-            model.train()
-        if ema is not None:
-            ema.restore(model.parameters())
+def main(argv=None) -> int:
+    """Parse the arguments and train; raises :class:`TrainingError` with a message for people."""
+    return Trainer(parse_args(argv), argv).run()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point (``sampler-lab-train``): errors become one line on stderr and exit status 1."""
     try:
         sys.exit(main())
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()
