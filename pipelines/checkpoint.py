@@ -1,8 +1,10 @@
 """Checkpoint folders in diffusers format: find, inspect, load and save them.
 
-A checkpoint is a folder with ``model_index.json``, ``unet/`` (``config.json`` and safetensors
-weights) and ``scheduler/scheduler_config.json``. Two families are recognised from the scheduler
-config alone, so published checkpoints load without extra flags:
+A checkpoint is a folder with ``model_index.json``, a denoiser (``unet/`` with a ``UNet2DModel``,
+or ``transformer/`` with a DiT ``DiTTransformer2DModel``/``Transformer2DModel``: ``config.json`` and
+safetensors weights) and ``scheduler/scheduler_config.json``; a **latent** checkpoint also has a
+decoder (``vae/`` ``AutoencoderKL`` or ``vqvae/`` ``VQModel``, see :mod:`pipelines.latent`). The
+families are recognised from the configs alone, so published checkpoints load without extra flags:
 
 - VP (DDPM): any scheduler config with the DDPM keys (``DDPMScheduler``, ``DDIMScheduler``, …):
   the network is fed the timestep label; ``prediction_type`` says what it outputs.
@@ -30,11 +32,17 @@ import torch
 from schedulers.parametrization import ModelFamily
 from schedulers.schedules import SUPPORTED_BETA_SCHEDULES, linear_betas_for_sigma_range
 
+from .latent import DECODER_FOLDERS, DecoderInfo, inspect_decoder
+
 LAB_KEY = "_sampler_lab"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PICKLE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin", "diffusion_pytorch_model.ckpt")
 HUB_PATTERNS = ["model_index.json", "README.md", "training_args.json", "unet/config.json", f"unet/{WEIGHTS_NAME}",
+                "transformer/config.json", f"transformer/{WEIGHTS_NAME}", "vae/config.json", f"vae/{WEIGHTS_NAME}",
+                "vqvae/config.json", f"vqvae/{WEIGHTS_NAME}",
                 "scheduler/scheduler_config.json", "config.json", WEIGHTS_NAME, "scheduler_config.json"]
+DENOISER_FOLDERS = ("unet", "transformer")
+DENOISER_CLASSES = ("UNet2DModel", "DiTTransformer2DModel", "Transformer2DModel")
 DDPM_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
 
 
@@ -52,9 +60,12 @@ class CheckpointInfo:
         family: how the network was trained (see :class:`~schedulers.parametrization.ModelFamily`).
         sampler_config: the DDPM-style schedule (``num_train_timesteps``, ``beta_*``) every sampler
             is configured from; for a VE network it spans the network's σ range.
-        sample_size, in_channels: image resolution and channels the network takes.
-        unet_config: the raw ``unet/config.json``.
+        sample_size, in_channels: resolution and channels the denoiser takes (latents for a latent checkpoint).
+        unet_config: the raw config of the denoiser (``unet/`` or ``transformer/``).
         training_args: ``training_args.json`` if the checkpoint was made by ``training/train.py``.
+        unet_path: the denoiser's folder.
+        denoiser_class: ``UNet2DModel`` or ``DiTTransformer2DModel``.
+        decoder: the decoder of a latent checkpoint, else None.
     """
 
     path: Path
@@ -66,7 +77,21 @@ class CheckpointInfo:
     unet_config: dict
     scheduler_class: str
     training_args: dict = field(default_factory=dict)
-    unet_path: Optional[Path] = None  # the folder with the UNet's config.json and weights
+    unet_path: Optional[Path] = None  # the folder with the denoiser's config.json and weights
+    denoiser_class: str = "UNet2DModel"
+    decoder: Optional[DecoderInfo] = None
+
+    @property
+    def is_latent(self) -> bool:
+        return self.decoder is not None
+
+    @property
+    def image_shape(self) -> tuple:
+        """(channels, height, width) of the images the checkpoint makes (decoded, for a latent one)."""
+        if self.decoder is None:
+            return (self.in_channels, self.sample_size, self.sample_size)
+        side = self.sample_size * self.decoder.downsampling
+        return (self.decoder.image_channels, side, side)
 
     def describe(self) -> str:
         """One line for people: family, prediction type, resolution, conditioning."""
@@ -77,7 +102,13 @@ class CheckpointInfo:
         if f.is_conditional:
             cond = f"class-conditional ({f.num_classes} classes"
             cond += ", classifier-free guidance)" if f.null_class_label is not None else ", no guidance)"
-        return f"{kind}; {self.sample_size}×{self.sample_size}×{self.in_channels}; {cond}"
+        shape = f"{self.sample_size}×{self.sample_size}×{self.in_channels}"
+        if self.decoder is not None:
+            c, h, w = self.image_shape
+            backbone = "DiT" if "Transformer" in self.denoiser_class else "UNet"
+            return (f"latent {kind}, {backbone} on {shape} latents → {self.decoder.class_name} → {h}×{w}×{c} images "
+                    f"({self.decoder.scaling_note}); {cond}")
+        return f"{kind}; {shape}; {cond}"
 
 
 def _read_json(path: Path) -> dict:
@@ -136,12 +167,29 @@ def ve_sampler_config(family: ModelFamily, num_train_timesteps: int = 1000) -> d
             "beta_schedule": "linear"}
 
 
-def family_from_configs(scheduler_config: dict, unet_config: dict) -> tuple[ModelFamily, dict]:
+def class_embeddings(unet_config: dict, lab: dict) -> tuple[Optional[int], Optional[int]]:
+    """(num_class_embeds, null_class_label) of a denoiser config.
+
+    A ``UNet2DModel`` states ``num_class_embeds``; the null label of guidance is recorded by this
+    project. A DiT embeds ``num_embeds_ada_norm`` classes plus one more, the "no class" label
+    ``num_embeds_ada_norm`` that classifier-free guidance uses (Peebles & Xie 2023).
+    """
+    if unet_config.get("norm_type") == "ada_norm_zero" or "DiT" in unet_config.get("_class_name", ""):
+        n = unet_config.get("num_embeds_ada_norm")
+        return (None, None) if n is None else (int(n) + 1, int(lab.get("null_class_label", n)))
+    return unet_config.get("num_class_embeds"), lab.get("null_class_label")
+
+
+def family_from_configs(scheduler_config: dict, unet_config: dict, latent: bool = False) -> tuple[ModelFamily, dict]:
     """Decide the family and the samplers' DDPM-style schedule from the two configs."""
     lab = scheduler_config.get(LAB_KEY, {}) or {}
     cls = scheduler_config.get("_class_name", "DDPMScheduler")
-    num_class_embeds = unet_config.get("num_class_embeds")
+    if "timesteps" in scheduler_config and "num_train_timesteps" not in scheduler_config:  # old diffusers key (LDM)
+        scheduler_config = {**scheduler_config, "num_train_timesteps": scheduler_config["timesteps"]}
+    num_class_embeds, null_class_label = class_embeddings(unet_config, lab)
     if cls == "ScoreSdeVeScheduler" or lab.get("family") == "ve":
+        if latent:
+            raise CheckpointError("a latent checkpoint with a VE (ScoreSdeVeScheduler) denoiser is not supported")
         if unet_config.get("time_embedding_type", "positional") != "fourier":
             raise CheckpointError("a VE (ScoreSdeVeScheduler) checkpoint needs a UNet with Fourier time embedding fed σ")
         data_range = tuple(lab.get("data_range", (0.0, 1.0)))  # diffusers' NCSN++ checkpoints use [0, 1]
@@ -149,7 +197,7 @@ def family_from_configs(scheduler_config: dict, unet_config: dict) -> tuple[Mode
             kind="ve", prediction_type=lab.get("prediction_type", "score"), data_range=data_range,
             sigma_min=float(scheduler_config.get("sigma_min", 0.01)), sigma_max=float(scheduler_config.get("sigma_max", 1348.0)),
             input_scaling=lab.get("input_scaling", "none"),
-            num_class_embeds=num_class_embeds, null_class_label=lab.get("null_class_label"),
+            num_class_embeds=num_class_embeds, null_class_label=null_class_label,
         )
         return family, ve_sampler_config(family)
     if "beta_start" not in scheduler_config and "trained_betas" not in scheduler_config and "beta_schedule" not in scheduler_config:
@@ -161,10 +209,51 @@ def family_from_configs(scheduler_config: dict, unet_config: dict) -> tuple[Mode
     if scheduler_config.get("trained_betas") is None and schedule not in SUPPORTED_BETA_SCHEDULES:
         raise CheckpointError(f"beta_schedule {schedule!r} is not supported (supported: {', '.join(SUPPORTED_BETA_SCHEDULES)})")
     family = ModelFamily(kind="vp", prediction_type=scheduler_config.get("prediction_type", "epsilon"),
-                         num_class_embeds=num_class_embeds, null_class_label=lab.get("null_class_label"))
+                         num_class_embeds=num_class_embeds, null_class_label=null_class_label, latent=latent)
     sampler_config = {k: scheduler_config.get(k) for k in DDPM_SCHEDULE_KEYS if k in scheduler_config}
     sampler_config.setdefault("num_train_timesteps", 1000)
     return family, sampler_config
+
+
+def _denoiser_folder(path: Path, index: dict, source: str) -> Path:
+    """The folder of the denoiser: the component ``model_index.json`` names, else ``unet/`` or ``transformer/``."""
+    named = [name for name in DENOISER_FOLDERS if name in index]
+    for name in named + [n for n in DENOISER_FOLDERS if n not in named]:
+        if (path / name / "config.json").exists():
+            return path / name
+    if (path / "config.json").exists() and (path / WEIGHTS_NAME).exists():
+        return path  # flat layout: a UNet saved at the top level
+    if not index and not any((path / n).exists() for n in DENOISER_FOLDERS):
+        raise CheckpointError(f"checkpoint: {source} is not a diffusers checkpoint (no model_index.json and no unet/ folder)")
+    raise CheckpointError(f"checkpoint: {source} has no denoiser (expected unet/config.json or transformer/config.json)")
+
+
+def _check_weights(folder: Path, source: str, what: str) -> None:
+    rel = folder.name
+    if not (folder / WEIGHTS_NAME).exists():
+        if any((folder / name).exists() for name in PICKLE_NAMES):
+            raise CheckpointError(f"checkpoint: {source} stores its {what} as a pickle (.bin/.ckpt), which can run code when "
+                                  f"loaded; only safetensors weights are accepted ({rel}/{WEIGHTS_NAME})")
+        raise CheckpointError(f"checkpoint: {source} has no {what} weights (expected {rel}/{WEIGHTS_NAME})")
+
+
+def _decoder(path: Path, index: dict, source: str) -> Optional[DecoderInfo]:
+    """The decoder a latent checkpoint names (or has); None for a pixel-space checkpoint."""
+    for name, class_name in DECODER_FOLDERS.items():
+        named = name in index
+        if not named and not (path / name / "config.json").exists():
+            continue
+        folder = path / name
+        if not (folder / "config.json").exists():
+            raise CheckpointError(f"checkpoint: {source}/model_index.json names a decoder '{name}' ({index[name]}) but "
+                                  f"{name}/config.json is missing; a latent checkpoint cannot be sampled without its decoder")
+        _check_weights(folder, source, f"decoder ({name}/)")
+        config = _read_json(folder / "config.json")
+        class_name = config.get("_class_name", class_name)
+        if class_name not in DECODER_FOLDERS.values():
+            raise CheckpointError(f"checkpoint: the decoder {name}/ is a {class_name}; supported: AutoencoderKL, VQModel")
+        return inspect_decoder(folder, class_name)
+    return None
 
 
 def inspect_checkpoint(source: str, allow_hub: bool = True, allowed_roots: Optional[list] = None) -> CheckpointInfo:
@@ -172,54 +261,72 @@ def inspect_checkpoint(source: str, allow_hub: bool = True, allowed_roots: Optio
 
     Raises:
         CheckpointError: for a missing folder, a folder that is not a checkpoint, pickle weights,
-            or a model this project cannot sample.
+            a latent checkpoint without a matching decoder, or a model this project cannot sample.
     """
     path = resolve_checkpoint(source, allow_hub=allow_hub, allowed_roots=allowed_roots)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint: {source} is a file, not a checkpoint folder")
-    unet_dir = path / "unet"
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    if not unet_dir.exists() and (path / "config.json").exists() and (path / WEIGHTS_NAME).exists():
-        unet_dir, sched_file = path, path / "scheduler_config.json"  # flat layout: a UNet saved at the top level
-    if not (path / "model_index.json").exists() and not (unet_dir / "config.json").exists():
-        raise CheckpointError(f"checkpoint: {source} is not a diffusers checkpoint (no model_index.json and no unet/ folder)")
-    if not (unet_dir / "config.json").exists():
-        raise CheckpointError(f"checkpoint: {source} has no UNet (expected unet/config.json)")
-    if not (unet_dir / WEIGHTS_NAME).exists():
-        if any((unet_dir / name).exists() for name in PICKLE_NAMES):
-            raise CheckpointError(f"checkpoint: {source} stores its UNet as a pickle (.bin/.ckpt), which can run code when "
-                                  f"loaded; only safetensors weights are accepted (unet/{WEIGHTS_NAME})")
-        raise CheckpointError(f"checkpoint: {source} has no UNet weights (expected unet/{WEIGHTS_NAME})")
+    index = _read_json(path / "model_index.json") if (path / "model_index.json").exists() else {}
+    unet_dir = _denoiser_folder(path, index, source)
+    sched_file = path / "scheduler" / "scheduler_config.json" if unet_dir != path else path / "scheduler_config.json"
+    _check_weights(unet_dir, source, "denoiser" if unet_dir != path else "UNet")
     unet_config = _read_json(unet_dir / "config.json")
-    if unet_config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise CheckpointError(f"checkpoint: the UNet is a {unet_config.get('_class_name')}; this lab samples UNet2DModel "
-                              "pixel-space models (latent or text-conditioned models are not supported)")
-    scheduler_config = _read_json(sched_file) if sched_file.exists() else {"_class_name": "DDPMScheduler"}
-    family, sampler_config = family_from_configs(scheduler_config, unet_config)
-    args_file = path / "training_args.json"
+    denoiser_class = unet_config.get("_class_name", "UNet2DModel")
+    if denoiser_class not in DENOISER_CLASSES:
+        raise CheckpointError(f"checkpoint: the denoiser is a {denoiser_class}; this lab samples "
+                              f"{', '.join(DENOISER_CLASSES)} models (text-conditioned models are not supported)")
+    if denoiser_class == "Transformer2DModel":
+        if unet_config.get("norm_type") != "ada_norm_zero":
+            raise CheckpointError("checkpoint: only class-conditional DiT transformers (norm_type 'ada_norm_zero') are "
+                                  f"supported, this Transformer2DModel has norm_type {unet_config.get('norm_type')!r}")
+        denoiser_class = "DiTTransformer2DModel"  # diffusers maps DiT configs to this class
+    decoder = _decoder(path, index, source)
+    in_channels = int(unet_config.get("in_channels", 3))
     sample_size = unet_config.get("sample_size", 32)
-    sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+    sample_size = int(sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size)
+    if decoder is not None and decoder.latent_channels != in_channels:
+        raise CheckpointError(f"checkpoint: the decoder {decoder.folder.name}/config.json makes images from "
+                              f"{decoder.latent_channels}-channel latents, but the denoiser {unet_dir.name}/config.json "
+                              f"takes {in_channels} channels ({sample_size}×{sample_size}×{in_channels})")
+    scheduler_config = _read_json(sched_file) if sched_file.exists() else {"_class_name": "DDPMScheduler"}
+    family, sampler_config = family_from_configs(scheduler_config, unet_config, latent=decoder is not None)
+    args_file = path / "training_args.json"
     return CheckpointInfo(
-        path=path, source=str(source), family=family, sampler_config=sampler_config, sample_size=int(sample_size),
-        in_channels=int(unet_config.get("in_channels", 3)), unet_config=unet_config,
+        path=path, source=str(source), family=family, sampler_config=sampler_config, sample_size=sample_size,
+        in_channels=in_channels, unet_config=unet_config,
         scheduler_class=scheduler_config.get("_class_name", "DDPMScheduler"),
         training_args=_read_json(args_file) if args_file.exists() else {}, unet_path=unet_dir,
+        denoiser_class=denoiser_class, decoder=decoder,
     )
 
 
 def load_unet(info: CheckpointInfo, device="cpu", dtype=None):
-    """Load the checkpoint's ``UNet2DModel`` (safetensors only) in eval mode."""
+    """Load the checkpoint's denoiser (``UNet2DModel`` or DiT; safetensors only) in eval mode."""
     import torch
-    from diffusers import UNet2DModel
+    import diffusers
 
+    cls = getattr(diffusers, info.denoiser_class)
     try:
-        unet = UNet2DModel.from_pretrained(info.unet_path or info.path / "unet", use_safetensors=True,
-                                           torch_dtype=dtype or torch.float32)
+        unet = cls.from_pretrained(info.unet_path or info.path / "unet", use_safetensors=True,
+                                   torch_dtype=dtype or torch.float32)
     except Exception as err:
-        raise CheckpointError(f"checkpoint: could not load the UNet of {info.source}: {err}") from err
+        raise CheckpointError(f"checkpoint: could not load the denoiser of {info.source}: {err}") from err
     unet = unet.to(device=torch.device(device))
     unet.eval().requires_grad_(False)
     return unet
+
+
+def load_decoder(info: CheckpointInfo, device="cpu", dtype=None):
+    """The checkpoint's :class:`~pipelines.latent.LatentDecoder`, or None for a pixel-space checkpoint."""
+    if info.decoder is None:
+        return None
+    from .latent import load_decoder as _load
+
+    try:
+        return _load(info.decoder, device=device, dtype=dtype)
+    except Exception as err:  # e.g. a VQ codebook whose size does not match its config
+        raise CheckpointError(f"checkpoint: could not load the decoder {info.decoder.folder.name}/ of {info.source}: "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
 
 
 def scheduler_config_for(family: ModelFamily, sampler_config: dict, extra: Optional[dict] = None) -> dict:
@@ -231,12 +338,13 @@ def scheduler_config_for(family: ModelFamily, sampler_config: dict, extra: Optio
         return {"_class_name": "ScoreSdeVeScheduler", "num_train_timesteps": 1000, "sigma_min": family.sigma_min,
                 "sigma_max": family.sigma_max, "snr": 0.16, "sampling_eps": 1e-5, "correct_steps": 1, LAB_KEY: lab}
     schedule = {k: sampler_config[k] for k in DDPM_SCHEDULE_KEYS if sampler_config.get(k) is not None}
-    return {"_class_name": "DDPMScheduler", **schedule,
-            "prediction_type": family.prediction_type, "clip_sample": True, "variance_type": "fixed_small", LAB_KEY: lab}
+    # clip_sample: diffusers' DDPM/DDIM clip x̂₀ to [-1, 1], right for pixels, wrong for latents
+    return {"_class_name": "DDPMScheduler", **schedule, "prediction_type": family.prediction_type,
+            "clip_sample": family.clip_denoised, "variance_type": "fixed_small", LAB_KEY: lab}
 
 
 def save_checkpoint(folder, unet, family: ModelFamily, sampler_config: dict, training_args: Optional[dict] = None,
-                    model_card: Optional[str] = None, lab_extra: Optional[dict] = None) -> Path:
+                    model_card: Optional[str] = None, lab_extra: Optional[dict] = None, decoder=None) -> Path:
     """Write a checkpoint folder atomically (written beside the target, then renamed into place).
 
     Args:
@@ -246,6 +354,8 @@ def save_checkpoint(folder, unet, family: ModelFamily, sampler_config: dict, tra
         sampler_config: the DDPM schedule keys (VP) — ignored for VE, whose σ range is in ``family``.
         training_args: resolved training arguments, written to ``training_args.json``.
         model_card: README.md text.
+        decoder: a latent checkpoint's :class:`~pipelines.latent.LatentDecoder`, saved as ``vae/`` (or
+            ``vqvae/``) with its scaling factor in the config.
     """
     import diffusers
 
@@ -253,14 +363,23 @@ def save_checkpoint(folder, unet, family: ModelFamily, sampler_config: dict, tra
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        denoiser_class = type(unet).__name__
+        denoiser_folder = "transformer" if "Transformer" in denoiser_class else "unet"
+        unet.save_pretrained(tmp / denoiser_folder, safe_serialization=True)
         sched = scheduler_config_for(family, sampler_config, lab_extra)
         sched["_diffusers_version"] = diffusers.__version__
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
         pipeline_class = "ScoreSdeVePipeline" if family.kind == "ve" else "DDPMPipeline"
         index = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__,
-                 "scheduler": ["diffusers", sched["_class_name"]], "unet": ["diffusers", "UNet2DModel"]}
+                 "scheduler": ["diffusers", sched["_class_name"]], denoiser_folder: ["diffusers", denoiser_class]}
+        if decoder is not None:
+            decoder_class = type(decoder.model).__name__
+            decoder_folder = "vqvae" if decoder_class == "VQModel" else "vae"
+            decoder.model.register_to_config(scaling_factor=decoder.scaling_factor)
+            decoder.model.save_pretrained(tmp / decoder_folder, safe_serialization=True)
+            index[decoder_folder] = ["diffusers", decoder_class]
+            index["_class_name"] = "DiTPipeline" if denoiser_folder == "transformer" else "LDMPipeline"
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if training_args is not None:
             (tmp / "training_args.json").write_text(json.dumps(training_args, indent=2, default=str) + "\n")

@@ -32,7 +32,7 @@ from schedulers.parametrization import EpsilonNetwork, ModelFamily
 from schedulers.registry import LIMITS, create_scheduler, get_spec
 from schedulers.schedules import DiscreteVPSchedule
 
-from .checkpoint import CheckpointInfo, inspect_checkpoint, load_unet, ve_sampler_config
+from .checkpoint import CheckpointInfo, inspect_checkpoint, load_decoder, load_unet, ve_sampler_config
 
 
 class SamplingDivergedError(RuntimeError):
@@ -61,6 +61,7 @@ class SampleOutput:
     sampler: str
     num_inference_steps: int
     params: dict = field(default_factory=dict)
+    decoder_calls: int = 0  # decodes of latents into images (latent checkpoints), counted apart from NFE
 
 
 class SamplerPipeline:
@@ -72,17 +73,25 @@ class SamplerPipeline:
         sampler_config: the DDPM schedule every sampler is configured from (for a VE network,
             the schedule that spans its σ range; see ``checkpoint.family_from_configs``).
         info: the checkpoint description, when loaded from a folder.
+        sample_shape: the shape of one sample the network takes (latents for a latent checkpoint);
+            default: from the network's config.
+        decoder: a :class:`~pipelines.latent.LatentDecoder` for a latent checkpoint; the samplers then
+            run on latents and ``images`` are decoded.
     """
 
     def __init__(self, unet, family: ModelFamily, sampler_config: Optional[dict] = None, info: Optional[CheckpointInfo] = None,
-                 sample_shape: Optional[Sequence[int]] = None):
+                 sample_shape: Optional[Sequence[int]] = None, decoder=None):
         self.unet = unet
         self.family = family
         self.info = info
+        self.decoder = decoder
+        if family.latent and decoder is None:
+            raise ValueError("a latent network needs its decoder (pipelines.latent.LatentDecoder) to make images")
         if family.kind == "ve" and not sampler_config:
             sampler_config = ve_sampler_config(family)
         self.sampler_config = dict(sampler_config or {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
                                                       "beta_schedule": "linear"})
+        self.sampler_config["clip_denoised"] = family.clip_denoised  # the registry keeps x̂₀ clipping off for latents
         self.schedule = DiscreteVPSchedule.from_config(self.sampler_config)
         if sample_shape is None:
             cfg = getattr(unet, "config", None)
@@ -97,8 +106,13 @@ class SamplerPipeline:
         """Load a diffusers-format checkpoint folder or Hub repo id (see :mod:`pipelines.checkpoint`)."""
         info = inspect_checkpoint(source, allow_hub=allow_hub, allowed_roots=allowed_roots)
         unet = load_unet(info, device=device, dtype=dtype)
+        decoder = load_decoder(info, device=device, dtype=dtype)
         return cls(unet, info.family, info.sampler_config, info=info,
-                   sample_shape=(info.in_channels, info.sample_size, info.sample_size))
+                   sample_shape=(info.in_channels, info.sample_size, info.sample_size), decoder=decoder)
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples (or x̂₀ estimates) → images in [-1, 1]: decoded for a latent checkpoint, as they are otherwise."""
+        return x if self.decoder is None else self.decoder.decode(x)
 
     @property
     def device(self) -> torch.device:
@@ -170,7 +184,9 @@ class SamplerPipeline:
             generator: used instead of ``seed`` when given.
             class_labels: an int or one per image, for class-conditional checkpoints.
             guidance_scale: classifier-free guidance weight w (docs/guidance.md); 1 = plain conditional.
-            output_type: ``"pil"``, ``"np"`` (float [0, 1], NHWC) or ``"pt"`` (raw tensor, model units).
+            output_type: ``"pil"``, ``"np"`` (float [0, 1], NHWC), ``"pt"`` (image tensor in [-1, 1], not
+                clamped for pixel models) or ``"latent"`` (the final sample itself; the same as ``"pt"`` for
+                pixel-space checkpoints).
             callback: called as ``callback(i, n, x_t, x0_hat)`` every ``callback_steps`` steps and at the end.
             callback_steps: how often ``callback`` is called.
             should_stop: polled before every step; returning True raises :class:`SamplingCancelled`.
@@ -184,8 +200,8 @@ class SamplerPipeline:
         max_batch = LIMITS.max_batch
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= max_batch:
             raise ValueError(f"batch_size must be a whole number between 1 and {max_batch}, got {batch_size!r}")
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if not isinstance(callback_steps, int) or callback_steps < 1:
             raise ValueError(f"callback_steps must be a positive whole number, got {callback_steps!r}")
         labels = self._class_labels(class_labels, int(batch_size), float(guidance_scale))
@@ -217,8 +233,10 @@ class SamplerPipeline:
                     x0_hat = net.x0_hat(epsilon_hat, x, t)
                 callback(i, n, x_prev, x0_hat)
             x = x_prev
+        if output_type != "latent":
+            x = self.to_images(x)
         seconds = time.perf_counter() - start
-        if output_type == "pt":
+        if output_type in ("pt", "latent"):
             images = x
         elif output_type == "np":
             images = to_unit_float(x)
@@ -226,4 +244,4 @@ class SamplerPipeline:
             images = to_pil(x)
         params = {**spec.defaults(), **(scheduler_params or {})}
         return SampleOutput(images=images, nfe=net.nfe, seconds=seconds, sampler=scheduler, num_inference_steps=steps,
-                            params=params)
+                            params=params, decoder_calls=int(self.decoder is not None and output_type != "latent"))

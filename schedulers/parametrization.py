@@ -159,7 +159,10 @@ class ModelFamily:
         input_scaling: VE only: ``"none"`` feeds x̃ as is (diffusers' NCSN++); ``"unit_variance"``
             feeds c_in·x̃ with c_in = 1/√(1+σ²) (EDM's preconditioning, σ in network units), so a
             small network never sees inputs of magnitude σ_max.
-        num_class_embeds: size of the class-embedding table, or None for unconditional nets.
+        num_class_embeds: size of the class-embedding table (the null label included), or None for
+            unconditional nets.
+        latent: the network denoises an autoencoder's latents, not pixels (pipelines/latent.py):
+            x̂₀ is not an image there, so it is never clipped to [−1, 1].
         null_class_label: the label used for the unconditional branch of classifier-free
             guidance (docs/guidance.md), or None if the network was not trained with label dropout.
     """
@@ -172,6 +175,7 @@ class ModelFamily:
     input_scaling: str = "none"
     num_class_embeds: Optional[int] = None
     null_class_label: Optional[int] = None
+    latent: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -185,6 +189,13 @@ class ModelFamily:
             raise ValueError(f"input_scaling must be 'none' or 'unit_variance', got {self.input_scaling!r}")
         if self.kind == "ve" and not (self.sigma_min and self.sigma_max and 0 < self.sigma_min < self.sigma_max):
             raise ValueError("a VE network needs 0 < sigma_min < sigma_max")
+        if self.kind == "ve" and self.latent:
+            raise ValueError("latent networks are VP (DDPM-style) networks here; a VE latent network is not supported")
+
+    @property
+    def clip_denoised(self) -> bool:
+        """Whether x̂₀ lies in the image range [−1, 1], so samplers may clip it: pixel networks yes, latent ones no."""
+        return not self.latent
 
     @property
     def is_conditional(self) -> bool:
@@ -235,10 +246,17 @@ class EpsilonNetwork:
             return None
 
     def _call_unet(self, x: torch.Tensor, label: torch.Tensor, class_labels) -> torch.Tensor:
+        """The backbone's output for ``x`` at time ``label``: a UNet2DModel or a DiT transformer alike.
+
+        A network that also predicts its variance (DiT's learned σ: twice the input channels) has
+        its second half of channels dropped; the first half is its ε (or x̂₀, v) prediction.
+        """
         dtype = self._net_dtype() or x.dtype
         kwargs = {} if class_labels is None else {"class_labels": class_labels}
         out = self.unet(x.to(dtype), label.to(device=x.device, dtype=dtype if dtype.is_floating_point else x.dtype), **kwargs)
         out = getattr(out, "sample", out)
+        if out.shape[1] == 2 * x.shape[1]:  # learned variance (Nichol & Dhariwal 2021; DiT): keep the mean part
+            out = out[:, :x.shape[1]]
         return out.to(x.dtype)
 
     def _epsilon(self, x_t: torch.Tensor, t: torch.Tensor, class_labels) -> torch.Tensor:

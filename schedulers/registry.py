@@ -55,6 +55,8 @@ class Param:
         label: the symbol shown in the UI.
         help: one line for a tooltip.
         sigma_bounded: a noise level σ: it must also lie in the checkpoint's σ range.
+        image_range: clips x̂₀ to the image range [−1, 1]: off by default, and refused, on a checkpoint
+            whose ``base_config`` says ``clip_denoised: False`` (a latent network's x̂₀ is no image).
     """
 
     name: str
@@ -67,6 +69,7 @@ class Param:
     label: str = ""
     help: str = ""
     sigma_bounded: bool = False
+    image_range: bool = False
 
     def bounds(self, base_config: Optional[dict] = None) -> tuple:
         """(minimum, maximum) for this checkpoint: σ parameters are clamped to its σ range."""
@@ -192,7 +195,7 @@ class SamplerSpec:
         return int(steps)
 
 
-_CLIP = Param("clip_sample", "bool", True, label="clip x̂₀",
+_CLIP = Param("clip_sample", "bool", True, image_range=True, label="clip x̂₀",
               help="clip the denoised estimate x̂₀ to [-1, 1] at every step (images)")
 _T_EPS = Param("sampling_eps", "float", 1e-3, 1e-5, 0.1, label="t_ε", help="integration stops at t_ε instead of 0")
 _SNR = Param("snr", "float", 0.16, 0.001, 1.0, label="r (SNR)", help="corrector signal-to-noise ratio")
@@ -233,7 +236,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             default_steps=25,
             config={"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True, "sample_max_value": 1.0},
             params=(Param("solver_order", "int", 2, 1, 3, label="order", help="order of the multistep solver"),
-                    Param("thresholding", "bool", True, label="clip x̂₀",
+                    Param("thresholding", "bool", True, image_range=True, label="clip x̂₀",
                           help="threshold the data prediction x̂₀ to [-1, 1] (images)")),
             at_most_T=True,
         ),
@@ -298,10 +301,16 @@ def resolve_params(name: str, params: Optional[dict] = None, base_config: Option
     rejects parameters that do not apply."""
     spec = get_spec(name)
     values = spec.defaults()
+    images = (base_config or {}).get("clip_denoised", True)  # False for latent checkpoints
+    if not images:
+        values.update({p.name: False for p in spec.params if p.image_range})
     for key, value in (params or {}).items():
         if key not in values:
             names = ", ".join(values) or "none"
             raise ValueError(f"parameter {key!r} does not apply to sampler {name!r} (its parameters: {names})")
+        if not images and spec.param(key).image_range and value:
+            raise ValueError(f"{name}: parameter {key!r} clips x̂₀ to the image range [-1, 1], which does not apply to "
+                             "a latent checkpoint (its x̂₀ is a latent)")
         values[key] = value
     return {key: spec.param(key).validate(value, name, base_config) for key, value in values.items()}
 

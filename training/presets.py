@@ -1,4 +1,5 @@
-"""UNet2DModel presets for ``training/train.py`` (``--model_preset`` or ``--model_config`` JSON)."""
+"""Network presets for ``training/train.py``: ``UNet2DModel`` (``--model_preset`` or ``--model_config`` JSON) and
+DiT transformers (``--backbone dit --dit_preset``)."""
 
 from __future__ import annotations
 
@@ -58,4 +59,37 @@ def unet_config(preset: str | None, config_path: str | None, *, resolution: int,
         config["time_embedding_type"] = "fourier"
     if num_class_embeds is not None:
         config["num_class_embeds"] = num_class_embeds
+    return config
+
+
+DIT_PRESETS = {
+    # DiT (Peebles & Xie 2023) sizes for small latents (e.g. 8×8×4); patch size 1 keeps one token per latent pixel.
+    # ≈2.8M parameters, 16 tokens of 2×2 latent patches at 8×8: for 2 CPU cores.
+    "dit-cpu": dict(num_attention_heads=4, attention_head_dim=32, num_layers=8, patch_size=2),
+    # ≈5M parameters, one token per latent pixel (64 tokens at 8×8).
+    "dit-cpu-base": dict(num_attention_heads=6, attention_head_dim=32, num_layers=8, patch_size=1),
+    # DiT-S/2's width and depth (≈33M parameters): for a GPU.
+    "dit-s": dict(num_attention_heads=6, attention_head_dim=64, num_layers=12, patch_size=2),
+}
+
+
+def dit_config(preset: str, config_path: str | None, *, sample_size: int, channels: int, num_classes: int,
+               patch_size: int | None = None) -> dict:
+    """The ``DiTTransformer2DModel`` keyword arguments for a run: class-conditional (``num_classes`` classes
+    plus the null label ``num_classes`` of classifier-free guidance), ε-prediction without learned variance."""
+    if config_path:
+        path = Path(config_path)
+        if not path.exists():
+            raise FileNotFoundError(f"--model_config: {config_path} does not exist")
+        config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    else:
+        if preset not in DIT_PRESETS:
+            raise ValueError(f"--dit_preset must be one of {sorted(DIT_PRESETS)}, got {preset!r}")
+        config = dict(DIT_PRESETS[preset])
+    if patch_size:
+        config["patch_size"] = patch_size
+    if sample_size % config["patch_size"]:
+        raise ValueError(f"the latent size {sample_size} is not a multiple of the DiT patch size {config['patch_size']}")
+    config.update(sample_size=sample_size, in_channels=channels, out_channels=channels, num_embeds_ada_norm=num_classes,
+                  norm_num_groups=1)
     return config

@@ -27,7 +27,7 @@ def build_model_card(args, family, data, n_params, state, command) -> str:
     return "\n".join(lines)
 
 
-def save_sample_grid(model, family, sampler_config, path: Path, num_classes, accelerator, ema=None):
+def save_sample_grid(model, family, sampler_config, path: Path, num_classes, accelerator, ema=None, decoder=None):
     """Sample a 4×4 grid with the project's own pipeline (DDIM, 25 steps) and save it as PNG."""
     if ema is not None:
         ema.store(model.parameters())
@@ -37,7 +37,7 @@ def save_sample_grid(model, family, sampler_config, path: Path, num_classes, acc
     try:
         from pipelines.sampling import SamplerPipeline, make_grid
 
-        pipe = SamplerPipeline(model, family, sampler_config)
+        pipe = SamplerPipeline(model, family, sampler_config, decoder=decoder)
         labels = [i % num_classes for i in range(16)] if num_classes else None
         out = pipe(scheduler="ddim", num_inference_steps=25, batch_size=16, seed=0, class_labels=labels,
                    guidance_scale=3.0 if family.null_class_label is not None else 1.0, output_type="np")

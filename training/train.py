@@ -38,7 +38,7 @@ from training.checkpointing import (  # noqa: F401  (STATE_FILE, CHECKPOINT_PREF
     CHECKPOINT_PREFIX, STATE_FILE, TrainingError, find_checkpoint, read_training_state, save_training_state,
 )
 from training.losses import ddpm_loss, ncsn_loss
-from training.presets import PRESETS, unet_config
+from training.presets import DIT_PRESETS, PRESETS, dit_config, unet_config
 from training.reports import build_model_card, save_sample_grid
 
 
@@ -63,6 +63,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ncsn: feed x̃/√(1+σ²) (EDM's c_in) or x̃ as is (diffusers' NCSN++)")
     g.add_argument("--fourier_scale", type=float, default=1.0,
                    help="ncsn: scale of the random Fourier features of log σ (diffusers' default 16 suits large nets)")
+    g = p.add_argument_group("latent diffusion")
+    g.add_argument("--vae", default=None,
+                   help="train on the latents of this autoencoder (a folder with vae/ or an AutoencoderKL/VQModel folder, "
+                        "e.g. the output of training/train_autoencoder.py); the exported checkpoint includes it")
+    g.add_argument("--latent_scaling", choices=("measure", "config"), default="measure",
+                   help="latent scaling factor: 1/std of the training latents (as Stable Diffusion) or the VAE config's")
+    g.add_argument("--backbone", choices=("unet", "dit"), default="unet", help="denoiser: UNet2DModel or a DiT transformer")
+    g.add_argument("--dit_preset", default="dit-cpu", choices=sorted(DIT_PRESETS), help="dit: size preset")
+    g.add_argument("--patch_size", type=int, default=None, help="dit: patch size (default: the preset's)")
     g = p.add_argument_group("conditioning")
     g.add_argument("--class_conditional", action=argparse.BooleanOptionalAction, default=None,
                    help="train with class labels (default: when the data has labels)")
@@ -115,6 +124,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--p_uncond must be in [0, 1)")
     if args.objective == "ncsn" and not 0 < args.sigma_min < args.sigma_max:
         p.error("--sigma_min must be positive and below --sigma_max")
+    if args.vae and args.objective != "ddpm":
+        p.error("--vae: latent models are trained with --objective ddpm")
+    if args.vae and args.random_flip:
+        p.error("--vae: --random_flip does not apply to cached latents (flip the data set instead)")
+    if args.backbone == "dit" and args.objective != "ddpm":
+        p.error("--backbone dit: DiT denoisers are trained with --objective ddpm")
     return args
 
 
@@ -133,6 +148,23 @@ def batch_indices(num_items: int, batch_size: int, num_processes: int, rank: int
     if len(idx) < batch_size:  # data smaller than one global batch: wrap around
         idx = perm[torch.arange(start, start + batch_size) % num_items]
     return idx
+
+
+def load_autoencoder(path: str):
+    """(model, note) of the autoencoder at ``path``: a folder with ``vae/`` or ``vqvae/``, or the model folder itself."""
+    import diffusers
+
+    from pipelines.latent import DECODER_FOLDERS
+
+    root = Path(path)
+    for folder in [root / name for name in DECODER_FOLDERS] + [root]:
+        config_file = folder / "config.json"
+        if config_file.exists():
+            class_name = json.loads(config_file.read_text()).get("_class_name", "")
+            if class_name in DECODER_FOLDERS.values():
+                model = getattr(diffusers, class_name).from_pretrained(folder, use_safetensors=True)
+                return model.eval().requires_grad_(False), f"{class_name} from {folder}"
+    raise TrainingError(f"--vae {path}: no AutoencoderKL or VQModel there (looked for vae/, vqvae/ and config.json)")
 
 
 class Trainer:
@@ -200,6 +232,42 @@ class Trainer:
         self.num_class_embeds = None if not self.conditional else self.num_classes + (1 if self.null_label is not None else 0)
         self.images = data.images.to(self.accelerator.device)
         self.labels = data.labels.to(self.accelerator.device) if self.conditional else None
+        self.decoder, self.latent_std = None, None
+        if args.vae:
+            self._encode_latents()
+
+    def _encode_latents(self) -> None:
+        """Encode the data once: the posterior mean and std of every image's latent, scaled.
+
+        With ``--latent_scaling measure`` the scaling factor is 1/std of the training latents (the
+        posterior means), as Stable Diffusion chose 0.18215; each step draws z = mean + std·n from
+        the posterior with the step's generator.
+        """
+        from pipelines.latent import LatentDecoder
+
+        model, note = load_autoencoder(self.args.vae)
+        decoder = LatentDecoder(model.to(self.accelerator.device), 1.0, note)
+        means, stds = [], []
+        with torch.no_grad():
+            for i in range(0, len(self.images), 256):
+                x = self.images[i:i + 256]
+                if decoder.is_vq:
+                    means.append(model.encode(x).latents)
+                    stds.append(torch.zeros_like(means[-1]))
+                else:
+                    dist = model.encode(x).latent_dist
+                    means.append(dist.mean)
+                    stds.append(dist.std)
+        mean, std = torch.cat(means), torch.cat(stds)
+        if self.args.latent_scaling == "measure":
+            decoder.scaling_factor = float(1.0 / mean.std())
+            decoder.note = f"scaling_factor {decoder.scaling_factor:.4g} measured on the training latents"
+        else:
+            decoder.scaling_factor = float(model.config.scaling_factor)
+        self.images, self.latent_std = mean * decoder.scaling_factor, std * decoder.scaling_factor
+        self.decoder = decoder
+        self.say(f"latents {tuple(self.images.shape[1:])} from {self.args.vae}; {decoder.note}; "
+                 f"scaled latent std {float(self.images.std()):.3f}")
 
     def _build_model(self) -> None:
         """The UNet and the model family (what the pipeline needs to sample it)."""
@@ -210,16 +278,30 @@ class Trainer:
 
         args = self.args
         torch.manual_seed(args.seed)
-        self.unet_config = unet_config(args.model_preset, args.model_config, resolution=args.resolution,
-                                       channels=self.data.images.shape[1], objective=args.objective,
-                                       num_class_embeds=self.num_class_embeds)
-        self.unet = UNet2DModel(**self.unet_config)
+        channels, size = self.images.shape[1], self.images.shape[-1]  # latents for a latent model
+        if args.backbone == "dit":
+            from diffusers import DiTTransformer2DModel
+
+            if not self.conditional:
+                raise TrainingError("--backbone dit: a DiT is class-conditional; train it on labelled data")
+            self.unet_config = dit_config(args.dit_preset, args.model_config, sample_size=size, channels=channels,
+                                          num_classes=self.num_classes, patch_size=args.patch_size)
+            self.unet = DiTTransformer2DModel(**self.unet_config)
+            for module in self.unet.modules():  # label dropout is ours (seeded, --p_uncond), not the embedding's own
+                if type(module).__name__ == "LabelEmbedding":
+                    module.dropout_prob = 0.0
+            self.null_label = self.num_classes  # DiT's "no class" embedding (always present)
+            self.num_class_embeds = self.num_classes + 1
+        else:
+            self.unet_config = unet_config(args.model_preset, args.model_config, resolution=size, channels=channels,
+                                           objective=args.objective, num_class_embeds=self.num_class_embeds)
+            self.unet = UNet2DModel(**self.unet_config)
         if args.objective == "ncsn":  # Fourier features of log σ at the requested scale
             self.unet.time_proj.weight.data = torch.randn(self.unet.time_proj.weight.shape) * args.fourier_scale
         self.n_params = sum(p.numel() for p in self.unet.parameters())
         if args.objective == "ddpm":
             schedule = DiscreteVPSchedule(args.num_train_timesteps, args.beta_start, args.beta_end, args.beta_schedule)
-            self.family = ModelFamily(kind="vp", prediction_type=args.prediction_type,
+            self.family = ModelFamily(kind="vp", prediction_type=args.prediction_type, latent=self.decoder is not None,
                                       num_class_embeds=self.num_class_embeds, null_class_label=self.null_label)
             self.sampler_config = {"num_train_timesteps": args.num_train_timesteps, "beta_start": args.beta_start,
                                    "beta_end": args.beta_end, "beta_schedule": args.beta_schedule}
@@ -232,7 +314,6 @@ class Trainer:
 
     def _build_optimisation(self) -> None:
         """AdamW, the LR schedule and EMA, prepared and registered for checkpointing."""
-        from diffusers import UNet2DModel
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
 
@@ -240,7 +321,7 @@ class Trainer:
         self.ema = None
         if args.use_ema:
             self.ema = EMAModel(self.unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True,
-                                inv_gamma=args.ema_inv_gamma, power=args.ema_power, model_cls=UNet2DModel,
+                                inv_gamma=args.ema_inv_gamma, power=args.ema_power, model_cls=type(self.unet),
                                 model_config=self.unet.config)
         optimizer = torch.optim.AdamW(self.unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                       weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -280,7 +361,8 @@ class Trainer:
         """The arguments as the run used them (``training_args.json``)."""
         return {**vars(self.args), "max_train_steps": self.max_steps, "num_processes": self.world,
                 "unet_config": self.unet_config, "data_source": self.data.source, "num_train_images": len(self.data),
-                "class_names": self.data.class_names if self.conditional else None}
+                "class_names": self.data.class_names if self.conditional else None,
+                "latent_scaling_factor": self.decoder.scaling_factor if self.decoder is not None else None}
 
     def _with_ema_weights(self, fn) -> None:
         """Call ``fn(model)`` with the EMA weights swapped in (the raw ones when EMA is off)."""
@@ -306,7 +388,8 @@ class Trainer:
                             training_args=self.resolved_args(),
                             model_card=build_model_card(self.args, self.family, self.data, self.n_params, self.state,
                                                         self.command),
-                            lab_extra={"class_names": self.data.class_names if self.conditional else None})
+                            lab_extra={"class_names": self.data.class_names if self.conditional else None},
+                            decoder=self.decoder)
             if self.args.save_images_steps:
                 self.save_samples(model)
 
@@ -315,7 +398,7 @@ class Trainer:
     def save_samples(self, model, ema=None) -> None:
         save_sample_grid(model, self.family, self.sampler_config,
                          self.output_dir / "samples" / f"step-{self.state['step']:07d}.png", self.num_classes,
-                         self.accelerator, ema=ema)
+                         self.accelerator, ema=ema, decoder=self.decoder)
 
     def checkpoint(self) -> None:
         self.last_checkpoint = save_training_state(self.accelerator, self.output_dir, self.state,
@@ -331,6 +414,8 @@ class Trainer:
             k = step * args.gradient_accumulation_steps + micro
             idx = batch_indices(len(self.data), args.train_batch_size, self.world, self.rank, args.seed, k).to(self.images.device)
             x_0 = self.images[idx]
+            if self.latent_std is not None:  # a draw from the VAE posterior: z = mean + std·n
+                x_0 = x_0 + self.latent_std[idx] * torch.randn(x_0.shape, generator=gen).to(x_0.device)
             if args.random_flip:
                 flip = (torch.rand(len(idx), generator=gen) < 0.5).to(self.images.device)
                 x_0 = torch.where(flip.view(-1, 1, 1, 1), x_0.flip(-1), x_0)
