@@ -33,10 +33,15 @@ from schedulers.registry import LIMITS, create_scheduler, get_spec
 from schedulers.schedules import DiscreteVPSchedule
 
 from .checkpoint import CheckpointInfo, inspect_checkpoint, load_decoder, load_unet, ve_sampler_config
+from .device import is_out_of_memory, out_of_memory_message, resolve_device, resolve_dtype
 
 
 class SamplingDivergedError(RuntimeError):
     """The sample became non-finite; the message says at which step and what to lower."""
+
+
+class SamplingOutOfMemoryError(ValueError):
+    """The batch did not fit on the device; the message says which batch size would."""
 
 
 class SamplingCancelled(RuntimeError):
@@ -101,9 +106,18 @@ class SamplerPipeline:
         self.sample_shape = tuple(sample_shape)
 
     @classmethod
-    def from_pretrained(cls, source: str, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
-                        allow_hub: bool = True, allowed_roots: Optional[list] = None) -> "SamplerPipeline":
-        """Load a diffusers-format checkpoint folder or Hub repo id (see :mod:`pipelines.checkpoint`)."""
+    def from_pretrained(cls, source: str, device: Union[str, torch.device] = "cpu", dtype: Union[str, torch.dtype] = torch.float32,
+                        allow_hub: bool = True, allowed_roots: Optional[list] = None,
+                        torch_dtype: Union[str, torch.dtype, None] = None) -> "SamplerPipeline":
+        """Load a diffusers-format checkpoint folder or Hub repo id (see :mod:`pipelines.checkpoint`).
+
+        Args:
+            device: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda"``, ``"mps"`` or a torch device.
+            dtype, torch_dtype: the network's precision (``torch_dtype`` as in diffusers); the sampler
+                state and every scheduler formula stay in float32.
+        """
+        device = resolve_device(device)
+        dtype = resolve_dtype(torch_dtype if torch_dtype is not None else dtype, device)
         info = inspect_checkpoint(source, allow_hub=allow_hub, allowed_roots=allowed_roots)
         unet = load_unet(info, device=device, dtype=dtype)
         decoder = load_decoder(info, device=device, dtype=dtype)
@@ -216,23 +230,28 @@ class SamplerPipeline:
         x = x * sched.init_noise_sigma
         timesteps = sched.timesteps
         n = len(timesteps)
-        for i, t in enumerate(timesteps):
-            if should_stop is not None and should_stop():
-                raise SamplingCancelled(f"stopped at step {i} of {n}")
-            model_input = sched.scale_model_input(x, t)
-            epsilon_hat = net(model_input, t, class_labels=labels, guidance_scale=guidance_scale)
-            out = sched.step(epsilon_hat, t, x, generator=generator, **step_kwargs)
-            x_prev = out.prev_sample
-            if not torch.isfinite(x_prev).all():
-                raise SamplingDivergedError(
-                    f"{spec.title}: the sample became non-finite at step {i + 1} of {n} "
-                    f"(timestep {float(t):.4g}); {spec.divergence_hint}")
-            if callback is not None and ((i + 1) % callback_steps == 0 or i == n - 1):
-                x0_hat = getattr(out, "pred_original_sample", None)
-                if x0_hat is None:  # diffusers' multistep solvers: Tweedie from ε in the VP state
-                    x0_hat = net.x0_hat(epsilon_hat, x, t)
-                callback(i, n, x_prev, x0_hat)
-            x = x_prev
+        try:
+            for i, t in enumerate(timesteps):
+                if should_stop is not None and should_stop():
+                    raise SamplingCancelled(f"stopped at step {i} of {n}")
+                model_input = sched.scale_model_input(x, t)
+                epsilon_hat = net(model_input, t, class_labels=labels, guidance_scale=guidance_scale)
+                out = sched.step(epsilon_hat, t, x, generator=generator, **step_kwargs)
+                x_prev = out.prev_sample
+                if not torch.isfinite(x_prev).all():
+                    raise SamplingDivergedError(
+                        f"{spec.title}: the sample became non-finite at step {i + 1} of {n} "
+                        f"(timestep {float(t):.4g}); {spec.divergence_hint}")
+                if callback is not None and ((i + 1) % callback_steps == 0 or i == n - 1):
+                    x0_hat = getattr(out, "pred_original_sample", None)
+                    if x0_hat is None:  # diffusers' multistep solvers: Tweedie from ε in the VP state
+                        x0_hat = net.x0_hat(epsilon_hat, x, t)
+                    callback(i, n, x_prev, x0_hat)
+                x = x_prev
+        except Exception as err:
+            if is_out_of_memory(err):
+                raise SamplingOutOfMemoryError(out_of_memory_message(int(batch_size), device)) from err
+            raise
         if output_type != "latent":
             x = self.to_images(x)
         seconds = time.perf_counter() - start
