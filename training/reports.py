@@ -21,6 +21,7 @@ def build_model_card(args, family, data, n_params, state, command) -> str:
         f"| optimizer steps | {state['step']:,} (batch {args.train_batch_size} × {state['num_processes']} processes × {args.gradient_accumulation_steps} accumulation) |",
         f"| training time | {hours:.2f} h of wall time ({state['device']}) |",
         f"| final loss (running mean of the last 100 steps) | {state['loss_ema']:.4f} |",
+        f"| weights SHA-256 (first 16 hex digits, `pipelines.checkpoint.weights_digest`) | `{state.get('weights_sha256', '')}` |",
         "", "## Command", "", "```bash", command, "```", "",
         "The resolved arguments are in `training_args.json`.", "",
     ]

@@ -37,6 +37,7 @@ from data.sources import DataError, load_training_data
 from training.checkpointing import (  # noqa: F401  (STATE_FILE, CHECKPOINT_PREFIX: part of this module's interface)
     CHECKPOINT_PREFIX, STATE_FILE, TrainingError, find_checkpoint, read_training_state, save_training_state,
 )
+from training.hub import push_model, redact_args, redact_argv
 from training.losses import ddpm_loss, ncsn_loss
 from training.presets import DIT_PRESETS, PRESETS, dit_config, unet_config
 from training.reports import build_model_card, save_sample_grid
@@ -117,6 +118,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--report_to", default="tensorboard", help="'tensorboard' (when installed) or 'none'")
     g.add_argument("--logging_dir", default="logs")
     g.add_argument("--no_progress", action="store_true", help="plain log lines instead of a progress bar")
+    g = p.add_argument_group("Hugging Face Hub")
+    g.add_argument("--push_to_hub", action="store_true", help="upload <output_dir>/model when training ends")
+    g.add_argument("--hub_model_id", default=None, help="repo id (default: <your user>/<output_dir name>)")
+    g.add_argument("--hub_private_repo", action="store_true", help="create the repo as private")
+    g.add_argument("--hub_token", default=None, help="token (default: the one from `huggingface-cli login`); never logged")
     args = p.parse_args(argv)
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
         p.error("--train_batch_size and --gradient_accumulation_steps must be ≥ 1")
@@ -180,7 +186,7 @@ class Trainer:
         self.args = args
         self.output_dir = Path(args.output_dir)
         self.command = "accelerate launch training/train.py " + " ".join(
-            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+            shlex.quote(a) for a in redact_argv(list(argv if argv is not None else sys.argv[1:])))
         self._setup_accelerator()
         self._load_data()
         self._build_model()
@@ -359,7 +365,7 @@ class Trainer:
     # ---- outputs ------------------------------------------------------------------------------------------
     def resolved_args(self) -> dict:
         """The arguments as the run used them (``training_args.json``)."""
-        return {**vars(self.args), "max_train_steps": self.max_steps, "num_processes": self.world,
+        return {**redact_args(vars(self.args)), "max_train_steps": self.max_steps, "num_processes": self.world,
                 "unet_config": self.unet_config, "data_source": self.data.source, "num_train_images": len(self.data),
                 "class_names": self.data.class_names if self.conditional else None,
                 "latent_scaling_factor": self.decoder.scaling_factor if self.decoder is not None else None}
@@ -378,12 +384,13 @@ class Trainer:
 
     def export_model(self) -> None:
         """Write the EMA (or raw) weights as a diffusers checkpoint folder ``<output_dir>/model`` (main process only)."""
-        from pipelines.checkpoint import save_checkpoint
+        from pipelines.checkpoint import save_checkpoint, weights_digest
 
         if not self.main_proc:
             return
 
         def export(model):
+            self.state["weights_sha256"] = weights_digest(model)  # of the exported (EMA) weights
             save_checkpoint(self.output_dir / "model", model, self.family, self.sampler_config,
                             training_args=self.resolved_args(),
                             model_card=build_model_card(self.args, self.family, self.data, self.n_params, self.state,
@@ -519,6 +526,12 @@ class Trainer:
 
         print(f"[rank {self.rank}] weights sha256 {weights_digest(accelerator.unwrap_model(self.unet))}", flush=True)
         self.say(f"done: {state['step']} steps, loss {state['loss_ema']:.4f}, model in {self.output_dir / 'model'}")
+        if args.push_to_hub and self.main_proc:
+            try:
+                repo = push_model(self.output_dir / "model", args.hub_model_id, args.hub_private_repo, args.hub_token)
+            except RuntimeError as err:
+                raise TrainingError(f"{err}; the trained model is kept in {self.output_dir / 'model'}") from err
+            self.say(f"pushed {self.output_dir / 'model'} to https://huggingface.co/{repo}")
         return 0
 
 
