@@ -2,6 +2,7 @@
 
     python benchmarks/bench_samplers.py            # both tables
     python benchmarks/bench_samplers.py --quick    # fewer repeats and samples
+    python benchmarks/bench_samplers.py --only accuracy --families vp --nfes 10,20   # a part of the table
 
 (1) Overhead: the pipeline's full loop wall time divided by NFE × the wall time of one forward
     pass of a real ``UNet2DModel`` (the ``cpu-small`` training preset, 32×32×1, batch 16,
@@ -10,9 +11,16 @@
     (goal ≤ 1.02). On a shared CPU one forward pass varies by ±10 %, more than the overhead, so
     the table also times the loop alone (a network that costs nothing) and prints
     1 + (loop alone per NFE) / (one forward pass): the same ratio without the jitter.
-(2) Accuracy: the exact-score Gaussian mixture of ``tests/test_exact_scores.py`` (VP network),
-    sampled at about 10, 20, 50, 100 and 1000 network evaluations. Each cell is
-    ``max |weight error| / worst |width ratio − 1|`` over the three modes.
+(2) Accuracy: exact-score Gaussian mixtures sampled at about 10, 20, 50, 100 and 1000 network
+    evaluations, every registered sampler under each of its table rows and, for the samplers with a
+    ``time_grid`` parameter, on each grid. Each cell is
+    ``max |weight error| / worst |width ratio − 1|`` over the modes, with the NFE in brackets.
+    ``--mixture 16d`` (the default): four modes in 16 dimensions, weights 0.1/0.2/0.3/0.4 and widths
+    0.03/0.06/0.12/0.25 (the narrowest is narrower than the last σ jump of a 50-step uniform grid,
+    σ 0.081 → 0.010), means 0.3·N(0, I) draws (seed 16), as a VP ε-network (the default DDPM schedule)
+    and as a VE score network (σ ∈ [0.01, 50]). ``--mixture 2d``: the three 2-D modes of
+    ``tests/test_exact_scores.py`` (VP). The adaptive solver takes a tolerance, not a step count:
+    its rows sweep ε_rel and print the NFE it spent.
 """
 
 from __future__ import annotations
@@ -29,12 +37,43 @@ from pipelines.analytic import GaussianMixtureNet
 from pipelines.sampling import SamplerPipeline
 from schedulers.parametrization import ModelFamily
 from schedulers.registry import SAMPLERS, steps_for_nfe
+from schedulers.schedules import TIME_GRIDS, DiscreteVPSchedule, linear_betas_for_sigma_range
 from training.presets import unet_config
 
-WEIGHTS = [0.2, 0.5, 0.3]
-MEANS = [[-0.6, -0.3], [0.5, 0.4], [0.1, -0.7]]
-STDS = [0.10, 0.20, 0.15]
 NFES = (10, 20, 50, 100, 1000)
+ADAPTIVE_RTOLS = (0.5, 0.2, 0.1, 0.05, 0.02)
+
+
+def mixture(kind: str) -> dict:
+    """The exact-score mixtures of the accuracy table (weights, means, stds)."""
+    if kind == "2d":  # tests/test_exact_scores.py
+        return {"weights": [0.2, 0.5, 0.3], "means": [[-0.6, -0.3], [0.5, 0.4], [0.1, -0.7]], "stds": [0.10, 0.20, 0.15]}
+    means = torch.randn(4, 16, generator=torch.Generator().manual_seed(16), dtype=torch.float64) * 0.3
+    return {"weights": [0.1, 0.2, 0.3, 0.4], "means": means, "stds": [0.03, 0.06, 0.12, 0.25]}
+
+
+def mixture_pipeline(kind: str, family: str) -> tuple[SamplerPipeline, GaussianMixtureNet]:
+    """The mixture as a VP ε-network (default DDPM schedule) or a VE score network (σ ∈ [0.01, 50])."""
+    schedule = None
+    if family == "ve":
+        schedule = DiscreteVPSchedule(**dict(zip(("beta_start", "beta_end"), linear_betas_for_sigma_range(0.01, 50.0))))
+    net = GaussianMixtureNet(**mixture(kind), family=family, schedule=schedule)
+    return SamplerPipeline(net, net.model_family(), sample_shape=(net.dim, 1, 1)), net
+
+
+def rows() -> list[tuple]:
+    """(row label, sampler, params): every sampler's table rows, on every grid it offers."""
+    out = []
+    for name, spec in SAMPLERS.items():
+        if name == "adaptive_sde":
+            continue  # a tolerance, not a step count: its own rows
+        grids = TIME_GRIDS if "time_grid" in spec.defaults() else (None,)
+        for label, params in spec.table_rows():
+            for grid in grids:
+                row = dict(params, **({"time_grid": grid} if grid else {}))
+                shown = "".join(f" {k}={v:g}" for k, v in params.items())  # the variant's own parameters
+                out.append((f"{name}{shown}" + (f" [{grid}]" if grid else ""), name, row))
+    return out
 
 
 class _Bare(torch.nn.Module):
@@ -83,30 +122,65 @@ def overhead_table(repeats: int, nfe_target: int = 30) -> list[tuple]:
     return rows
 
 
-def accuracy_table(n: int) -> dict:
-    net = GaussianMixtureNet(WEIGHTS, MEANS, STDS, family="vp")
-    pipe = SamplerPipeline(net, net.model_family(), sample_shape=(2, 1, 1))
+def errors(net: GaussianMixtureNet, samples: torch.Tensor) -> tuple[float, float]:
+    """(max |weight error|, worst |width ratio − 1|) over the mixture's modes."""
+    st = net.statistics(samples)
+    w_err = float((st["weights"] - net.weights).abs().max())
+    width = float((st["stds"] / net.stds - 1).abs().nan_to_num(float("inf")).max())
+    return w_err, width
+
+
+def accuracy_table(n: int, kind: str = "16d", family: str = "vp", nfes=NFES) -> dict:
+    """{(row label, NFE target): (cell, NFE)} and the adaptive solver's rows {ε_rel: (cell, NFE)}."""
+    pipe, net = mixture_pipeline(kind, family)
     table = {}
-    for name in SAMPLERS:
-        params = {k: False for k in ("clip_sample", "thresholding") if k in SAMPLERS[name].defaults()}
-        for target in NFES:
+    for label, name, params in rows():
+        params = dict(params, **{k: False for k in ("clip_sample", "thresholding") if k in SAMPLERS[name].defaults()})
+        for target in nfes:
             try:
                 steps = steps_for_nfe(name, target, params)
                 out = pipe(name, steps, params, batch_size=n, seed=0, output_type="pt", dtype=torch.float64)
             except ValueError as err:  # e.g. DDPM cannot take more than 1000 steps
-                table[name, target] = ("–", str(err))
+                table[label, target] = ("–", str(err))
                 continue
-            st = net.statistics(out.images)
-            w_err = float((st["weights"] - torch.tensor(WEIGHTS, dtype=torch.float64)).abs().max())
-            width = float((st["stds"] / torch.tensor(STDS, dtype=torch.float64) - 1).abs().max())
-            table[name, target] = (f"{w_err:.3f} / {width:.2f}", out.nfe)
-    return table
+            except RuntimeError as err:  # a sampler that diverges at this budget
+                table[label, target] = ("diverged", str(err).split(";")[0])
+                continue
+            w_err, width = errors(net, out.images)
+            table[label, target] = (f"{w_err:.3f} / {width:.2f}", out.nfe)
+    adaptive = {}
+    for rtol in ADAPTIVE_RTOLS:
+        out = pipe("adaptive_sde", 20_000, {"rtol": rtol, "clip_sample": False}, batch_size=n, seed=0,
+                   output_type="pt", dtype=torch.float64)
+        w_err, width = errors(net, out.images)
+        adaptive[rtol] = (f"{w_err:.3f} / {width:.2f}", out.nfe)
+    exact = errors(net, net.sample(n, torch.Generator().manual_seed(0)))
+    return {"cells": table, "adaptive": adaptive, "exact": f"{exact[0]:.3f} / {exact[1]:.2f}"}
+
+
+def print_accuracy(result: dict, nfes=NFES) -> None:
+    print("| sampler [grid] | " + " | ".join(f"NFE≈{t}" for t in nfes) + " |")
+    print("|---|" + "---|" * len(nfes))
+    for label, _, _ in rows():
+        cells = []
+        for t in nfes:
+            cell, nfe = result["cells"][label, t]
+            cells.append(cell if cell in ("–", "diverged") else f"{cell} ({nfe})")
+        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+    print(f"\nExact draws (the sampling-noise floor): {result['exact']}. Adaptive reverse SDE, ε_abs = 0.0078:\n")
+    print("| ε_rel | " + " | ".join(str(r) for r in ADAPTIVE_RTOLS) + " |")
+    print("|---|" + "---|" * len(ADAPTIVE_RTOLS))
+    print("| adaptive_sde | " + " | ".join(f"{c} ({nfe})" for c, nfe in result["adaptive"].values()) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=("overhead", "accuracy"), default=None, help="run one of the two tables")
+    parser.add_argument("--mixture", choices=("16d", "2d"), default="16d", help="the exact-score mixture")
+    parser.add_argument("--families", default="vp,ve", help="vp, ve or both (comma-separated)")
+    parser.add_argument("--nfes", default=",".join(map(str, NFES)), help="NFE targets (comma-separated)")
+    parser.add_argument("--samples", type=int, default=None, help="samples per cell (default 2000; 1000 with --quick)")
     args = parser.parse_args()
     repeats = 3 if args.quick else 9
     if args.only != "accuracy":
@@ -119,17 +193,14 @@ def main() -> None:
                   f"{1 + loop_ms / fwd_ms:.4f} |", flush=True)
     if args.only == "overhead":
         return
-    n = 2000 if args.quick else 6000
-    print(f"\n## Accuracy on the exact-score mixture ({n} samples): max weight error / worst width error\n")
-    table = accuracy_table(n)
-    print("| sampler | " + " | ".join(f"NFE≈{t}" for t in NFES) + " |")
-    print("|---|" + "---|" * len(NFES))
-    for name in SAMPLERS:
-        cells = []
-        for t in NFES:
-            cell, nfe = table[name, t]
-            cells.append(cell if cell == "–" else f"{cell} ({nfe})")
-        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    n = args.samples or (1000 if args.quick else 2000)
+    nfes = tuple(int(v) for v in args.nfes.split(","))
+    for family in args.families.split(","):
+        print(f"\n## Accuracy on the exact-score {args.mixture} mixture, {family.upper()} network ({n} samples): "
+              f"max weight error / worst width error (NFE)\n", flush=True)
+        start = time.perf_counter()
+        print_accuracy(accuracy_table(n, args.mixture, family, nfes), nfes)
+        print(f"\n({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

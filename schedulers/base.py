@@ -14,8 +14,8 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .parametrization import clip_denoised, epsilon_to_x0, to_epsilon
-from .schedules import VPSDE, DiscreteVPSchedule
+from .parametrization import clip_denoised, epsilon_to_x0, expand_like, forward_marginal, to_epsilon, ve_to_vp
+from .schedules import VPSDE, DiscreteVPSchedule, check_time_grid
 
 MAX_INFERENCE_STEPS = 100_000
 
@@ -25,6 +25,9 @@ LAB_SCHEDULERS = {
     "VPSDEScheduler": "scheduling_vp_sde",
     "ProbabilityFlowScheduler": "scheduling_probability_flow",
     "ClippedDPMSolverMultistepScheduler": "scheduling_dpmsolver_clipped",
+    "EDMStochasticScheduler": "scheduling_edm",
+    "IPNDMScheduler": "scheduling_ipndm",
+    "AdaptiveSDEScheduler": "scheduling_adaptive_sde",
 }
 # diffusers' schedulers configured by the DDPM keys (what DDPMScheduler._compatibles lists), and ours.
 DDPM_FAMILY = [e.name for e in KarrasDiffusionSchedulers] + list(LAB_SCHEDULERS)
@@ -230,24 +233,31 @@ class DDPMScheduleMixin:
 
 
 class VPSDEGridMixin(DDPMScheduleMixin):
-    """The time grid of the VP-SDE samplers: t_0 = 1 > t_1 > … > t_N = t_ε, Δt = −(1 − t_ε)/N, with
-    m(t), √(1 − m²) and β(t) of every ``timesteps`` entry computed once in ``set_timesteps``."""
+    """The time grid of the VP-SDE samplers: t_0 = 1 > t_1 > … > t_N = t_ε on the config's
+    ``time_grid`` (``uniform``: Δt = −(1 − t_ε)/N; ``log_snr``, ``karras``: docs/schedules.md#time-grids),
+    steps Δt_i = t_{i+1} − t_i < 0 (``dts``), with m(t), √(1 − m²) and β(t) of every ``timesteps``
+    entry computed once in ``set_timesteps``."""
 
     def _init_sde(self):
         self._init_schedule()
+        check_time_grid(getattr(self.config, "time_grid", "uniform"))
         self.sde = VPSDE.from_config(self.config)
         self.init_noise_sigma = 1.0  # prior N(0, I)
         self.times = torch.zeros(0)
+        self.grid = torch.zeros(0, dtype=torch.float64)
+        self.dts = torch.zeros(0, dtype=torch.float64)
 
     def _time_grid(self, num_inference_steps: int) -> torch.Tensor:
-        """Validate N and t_ε, set Δt and return the N + 1 grid times."""
+        """Validate N and t_ε, set the steps Δt_i (``dts``) and return the N + 1 grid times."""
         self._check_num_inference_steps(num_inference_steps)
         t_eps = self.config.sampling_eps
         if not 0 < t_eps < 1:
             raise ValueError(f"sampling_eps (t_ε) must be in (0, 1), got {t_eps}")
         self.num_inference_steps = num_inference_steps
-        self.dt = -(1.0 - t_eps) / num_inference_steps  # Δt
-        return torch.linspace(1.0, t_eps, num_inference_steps + 1, dtype=torch.float64)  # t_0 = 1 … t_N = t_ε
+        grid = self.sde.time_grid(getattr(self.config, "time_grid", "uniform"), num_inference_steps, t_eps)
+        self.grid = grid  # t_0 = 1 … t_N = t_ε
+        self.dts = grid[1:] - grid[:-1]  # Δt_i = t_{i+1} − t_i < 0
+        return grid
 
     def _set_entries(self, times: torch.Tensor, device) -> None:
         """One ``timesteps`` entry per network evaluation, at the DDPM label t·(T−1)."""
@@ -273,3 +283,110 @@ class VPSDEGridMixin(DDPMScheduleMixin):
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Forward marginal x_t = m(t) x₀ + √(1 − m²) z at the continuous time t = label/(T−1)."""
         return self.sde.add_noise(original_samples, noise, timesteps)
+
+
+class VEStateMixin(DDPMScheduleMixin):
+    """Samplers whose state is the VE sample x̃ = x₀ + σ z (annealed Langevin, EDM, iPNDM): one noise
+    level σ per ``timesteps`` entry (``sigmas``), presented to a DDPM network at the fractional
+    label whose σ_t is that σ, with input x̃/√(1+σ²) (docs/parametrization.md#vp-and-ve-are-one-family)."""
+
+    def _init_levels(self):
+        self.sigmas = torch.zeros(0, dtype=torch.float64)
+        self._labels64 = torch.zeros(0, dtype=torch.float64)
+
+    def _set_levels(self, sigmas: torch.Tensor, device) -> None:
+        """``sigmas`` (float64, one per entry) and the labels a network sees them at become ``timesteps``."""
+        self.sigmas = sigmas
+        labels = self.schedule.sigma_to_t(sigmas).float()
+        self._labels64 = labels.double()  # a CPU copy, for scale_model_input's look-ups
+        self.timesteps = labels.to(device)
+        self._reset_loop()
+
+    def _sigma_of(self, timestep) -> torch.Tensor:
+        """σ of the level labelled ``timestep`` (float64; one value per element of ``timestep``).
+
+        An entry of ``timesteps`` gives its level's σ exactly; any other label (or any label
+        before ``set_timesteps``) the σ the schedule gives it.
+        """
+        t = torch.as_tensor(timestep).detach().reshape(-1).double().cpu()
+        sigma = self.schedule.t_to_sigma(t)
+        if len(self._labels64):
+            hits = (self._labels64[None, :] - t[:, None]).abs() <= 1e-6 * (1.0 + t.abs()[:, None])
+            found = hits.any(dim=1)
+            sigma[found] = self.sigmas[hits.float().argmax(dim=1)[found]]
+        return sigma
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """x̃/√(1+σ²): the VP state a DDPM network expects at the label of σ (docs/parametrization.md#vp-and-ve-are-one-family).
+
+        σ is that of ``timestep``'s level (of the current entry when ``timestep`` is None); it also
+        works before ``set_timesteps`` and for labels that are not entries, from the schedule's σ
+        of the label. A tensor of per-sample timesteps scales each sample with its own σ.
+        """
+        if timestep is None:
+            if not len(self.timesteps):
+                raise ValueError("scale_model_input needs the timestep before set_timesteps")
+            timestep = self.timesteps[min(self._step_index or 0, len(self.timesteps) - 1)]
+        sigma = self._sigma_of(timestep)
+        if sigma.numel() == 1:
+            return ve_to_vp(sample, float(sigma))
+        return ve_to_vp(sample, expand_like(sigma, sample))
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """SMLD perturbation x̃ = x₀ + σ_t z at the σ of each (fractional) timestep label."""
+        sigma = self.schedule.t_to_sigma(torch.as_tensor(timesteps).detach().cpu())
+        return forward_marginal(original_samples, noise, 1.0, expand_like(sigma, original_samples))  # VE: a = 1, s = σ
+
+
+class AdaptiveTimesteps:
+    """The ``timesteps`` of a solver that chooses its steps as it goes: entries are decided by ``step``.
+
+    The plain loop of diffusers' contract works unchanged::
+
+        for t in scheduler.timesteps:             # each entry is decided by the step before it
+            x = scheduler.step(net(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+
+    - Iterating yields the label of the next network evaluation the solver asked for, as a 0-d
+      float32 tensor like any ``timesteps`` entry, and stops when the solver is done. An entry is
+      only decided by the ``step`` call that precedes it, so iterating without stepping (e.g.
+      ``list(timesteps)`` before the loop) yields the entries decided so far and then stops.
+    - ``len()`` is the budget: the most evaluations the solver will make (what ``num_inference_steps``
+      sets; the registry's limits and the app's work budget read it). The run may end earlier; the
+      evaluations made are ``scheduler.nfe``.
+    - Indexing and ``tolist()`` see the entries decided so far.
+
+    Args:
+        scheduler: the solver; it exposes ``_next_label()`` (the label of the next evaluation, or
+            None when done) and ``nfe`` (evaluations made so far, i.e. ``step`` calls).
+        budget: the most evaluations, ``len(timesteps)``.
+    """
+
+    def __init__(self, scheduler, budget: int):
+        self._scheduler = scheduler
+        self._budget = int(budget)
+        self.decided = []  # labels of the entries decided so far (float64)
+
+    def __len__(self) -> int:
+        return self._budget
+
+    def __iter__(self):
+        yielded = 0
+        while yielded < self._budget:
+            if self._scheduler.nfe < yielded:  # the last entry was never stepped: nothing new is decided
+                return
+            label = self._scheduler._next_label()
+            if label is None:
+                return
+            if len(self.decided) <= yielded:
+                self.decided.append(float(label))
+            yield torch.tensor(self.decided[yielded], dtype=torch.float32)
+            yielded += 1
+
+    def __getitem__(self, index):
+        return torch.tensor(self.decided, dtype=torch.float32)[index]
+
+    def tolist(self) -> list:
+        return list(self.decided)
+
+    def __repr__(self) -> str:
+        return f"AdaptiveTimesteps(at most {self._budget} entries, {len(self.decided)} decided)"

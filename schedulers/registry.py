@@ -15,9 +15,12 @@ from typing import Any, Optional
 
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from .schedules import DiscreteVPSchedule
-from .scheduling_annealed_langevin import AnnealedLangevinScheduler
+from .schedules import TIME_GRIDS, DiscreteVPSchedule
+from .scheduling_adaptive_sde import AdaptiveSDEScheduler
+from .scheduling_annealed_langevin import DEFAULT_DELTA, DEFAULT_STEPS_PER_LEVEL, AnnealedLangevinScheduler
 from .scheduling_dpmsolver_clipped import ClippedDPMSolverMultistepScheduler
+from .scheduling_edm import EDMStochasticScheduler
+from .scheduling_ipndm import IPNDMScheduler
 from .scheduling_probability_flow import ProbabilityFlowScheduler
 from .scheduling_vp_sde import VPSDEScheduler
 
@@ -40,6 +43,10 @@ class Limits:
 
 
 LIMITS = Limits()
+LANGEVIN_DEFAULT_LEVELS = 333  # L: L·K + 1 = 1000 NFE (measured with DEFAULT_DELTA and DEFAULT_STEPS_PER_LEVEL: docs/samplers.md)
+EDM_DEFAULT_STEPS = 50  # N Heun steps: 2N − 1 = 99 NFE
+IPNDM_DEFAULT_STEPS = 20
+ADAPTIVE_DEFAULT_BUDGET, ADAPTIVE_DEFAULT_RTOL = 1000, 0.05
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,12 @@ class SamplerSpec:
             most T = ``num_train_timesteps`` of the checkpoint's schedule.
         variants: (label, params) rows under which the evaluation table and the benchmarks run
             this sampler; empty means one row with the defaults.
+        presets: ``(label, steps, params)`` settings the app offers for this sampler: a fast
+            setting (about 20 NFE or fewer; label starting ``"fast"``) and the paper's setting
+            (label starting ``"paper"``, naming the paper). ``steps`` is a ``num_inference_steps``
+            (what ``steps_label`` counts), ``params`` the parameters that differ from the
+            defaults; every preset passes ``check_steps`` and ``resolve_params`` on the default
+            DDPM schedule (tested).
     """
 
     name: str
@@ -149,6 +162,7 @@ class SamplerSpec:
     min_steps: int = 1
     at_most_T: bool = False
     variants: tuple = ()
+    presets: tuple = ()
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -201,6 +215,12 @@ _T_EPS = Param("sampling_eps", "float", 1e-3, 1e-5, 0.1, label="t_ε", help="int
 _SNR = Param("snr", "float", 0.16, 0.001, 1.0, label="r (SNR)", help="corrector signal-to-noise ratio")
 
 
+def _time_grid(default: str) -> Param:
+    return Param("time_grid", "choice", default, choices=TIME_GRIDS, label="time grid",
+                 help="where the steps lie: uniform in t (textbook SDE samplers), log_snr (equal steps in log-SNR; "
+                      "Langevin's geometric levels) or karras (EDM's ρ = 7 spacing); the NFE does not change")
+
+
 def _corrector_steps(default: int) -> Param:
     return Param("corrector_steps", "int", default, 0, 10, label="corrector steps",
                  help="Langevin corrector steps per predictor step (predictor–corrector)")
@@ -215,6 +235,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
             default_steps=1000,
             config={"variance_type": "fixed_small", "timestep_spacing": "linspace"},
             params=(_CLIP,), at_most_T=True, variants=(("DDPM", {}),),
+            presets=(("fast: 20 steps", 20, {}),
+                     ("paper: Ho et al. 2020, Algorithm 2: all 1000 steps", 1000, {})),
         ),
         SamplerSpec(
             "ddim", "DDIM", DDIMScheduler,
@@ -228,6 +250,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
                           help="recompute ε̂ from the clipped x̂₀ so the step stays consistent (keeps a small model "
                                "from carrying its noise errors to the end)")),
             at_most_T=True, variants=(("DDIM η=0", {"eta": 0.0}), ("DDIM η=1", {"eta": 1.0})),
+            presets=(("fast: 20 steps, η = 0", 20, {"eta": 0.0}),
+                     ("paper: Song, Meng & Ermon 2021, Table 1: 100 steps, η = 0", 100, {"eta": 0.0})),
         ),
         SamplerSpec(
             "dpmsolver++", "DPM-Solver++ (2M)", ClippedDPMSolverMultistepScheduler,
@@ -239,39 +263,54 @@ SAMPLERS: dict[str, SamplerSpec] = {
                     Param("thresholding", "bool", True, image_range=True, label="clip x̂₀",
                           help="threshold the data prediction x̂₀ to [-1, 1] (images)")),
             at_most_T=True,
+            presets=(("fast: 10 steps", 10, {}),
+                     ("paper: Lu et al. 2022b: 20 steps of 2M (guided sampling)", 20, {"solver_order": 2})),
         ),
         SamplerSpec(
             "langevin", "Annealed Langevin (SMLD/NCSN)", AnnealedLangevinScheduler,
-            "Song & Ermon 2019, Algorithm 1: K Langevin steps x ← x + α_i s + √(2α_i) z at each of L geometric noise "
-            "levels, α_i = ε σ_i²/σ_L², then a Tweedie denoising step (NCSNv2).",
-            default_steps=100, steps_label="noise levels L",
+            "Song & Ermon 2019, Algorithm 1: K Langevin steps x ← x + α_i s + √(2α_i) z at each of L noise levels "
+            "(geometric by default), α_i = δ σ_i² (the paper's ε = δ σ_L²), then a Tweedie denoising step (NCSNv2).",
+            default_steps=LANGEVIN_DEFAULT_LEVELS, steps_label="noise levels L",
             params=(
-                Param("steps_per_level", "int", 3, 1, 100, label="K", help="Langevin steps per noise level"),
-                Param("step_size", "float", 5e-5, 1e-8, 1e-3, label="step size ε",
-                      help="Langevin step size at the smallest σ; level i uses ε σ_i²/σ_L² (too large diverges)"),
+                Param("steps_per_level", "int", DEFAULT_STEPS_PER_LEVEL, 1, 100, label="K", help="Langevin steps per noise level"),
+                Param("delta", "float", DEFAULT_DELTA, 1e-4, 1.0, label="δ (step / σ_i²)",
+                      help="Langevin step relative to the level: α_i = δ σ_i²; works on every checkpoint. Larger mixes "
+                           "faster but widens each mode by about δ/4"),
+                Param("step_size", "float", None, 1e-10, 1e-2, label="step size ε",
+                      help="the paper's absolute step size at the smallest σ (ε = δ σ_L²); when set it overrides δ "
+                           "(ε ≥ 2σ_L² diverges)"),
                 Param("sigma_max", "float", None, label="σ_1", sigma_bounded=True,
                       help="largest noise level (default: from the checkpoint, ≤ 80)"),
                 Param("sigma_min", "float", None, label="σ_L", sigma_bounded=True,
                       help="smallest noise level (default: the checkpoint's)"),
                 Param("final_denoise", "bool", True, label="final denoise", help="end with x + σ_L² s (NCSNv2)"),
+                _time_grid("log_snr"),
             ),
-            divergence_hint="lower the Langevin step size ε (step_size)",
+            divergence_hint="lower the Langevin step size δ (delta), or ε (step_size) if you set it",
             min_steps=2, variants=(("Annealed Langevin", {}),),
+            presets=(("fast: 100 levels, K = 1, δ = 0.2 (101 NFE)", 100, {"steps_per_level": 1, "delta": 0.2}),
+                     ("paper: NCSNv2 (Song & Ermon 2020), CIFAR-10: L = 232, K = 5, δ = 0.062 (1161 NFE)", 232,
+                      {"steps_per_level": 5, "delta": 0.062})),
         ),
         SamplerSpec(
             "vp_sde", "VP-SDE Euler–Maruyama", VPSDEScheduler,
             "Song et al. 2021: Euler–Maruyama on the reverse-time VP-SDE from t = 1 to t_ε, noise removed on the last step.",
             default_steps=1000,
-            params=(_T_EPS, _corrector_steps(0), _SNR),
+            params=(_T_EPS, _corrector_steps(0), _SNR, _time_grid("uniform")),
             divergence_hint="use more steps, or lower the corrector SNR",
+            presets=(("fast: 20 steps on the log-SNR grid", 20, {"time_grid": "log_snr"}),
+                     ("paper: Song et al. 2021: 1000 uniform steps", 1000, {"time_grid": "uniform"})),
         ),
         SamplerSpec(
             "pc", "Predictor–corrector (EM + Langevin)", VPSDEScheduler,
             "Song et al. 2021, Algorithm 2 with the Euler–Maruyama predictor: one Langevin corrector step "
             "(SNR-based step size) before every predictor step.",
             default_steps=500, config={"corrector_steps": 1},
-            params=(_T_EPS, _corrector_steps(1), _SNR),
+            params=(_T_EPS, _corrector_steps(1), _SNR, _time_grid("uniform")),
             divergence_hint="lower the corrector SNR (snr)", variants=(("Predictor–corrector", {}),),
+            presets=(("fast: 10 steps on the log-SNR grid (20 NFE)", 10, {"time_grid": "log_snr"}),
+                     ("paper: Song et al. 2021, App. G: 1000 steps, C = 1, r = 0.16 (2000 NFE)", 1000,
+                      {"corrector_steps": 1, "snr": 0.16, "time_grid": "uniform"})),
         ),
         SamplerSpec(
             "pf_ode", "Probability-flow ODE", ProbabilityFlowScheduler,
@@ -281,8 +320,58 @@ SAMPLERS: dict[str, SamplerSpec] = {
             params=(Param("solver", "choice", "heun", choices=("heun", "euler"), label="solver",
                           help="Heun (2nd order, 2 NFE/step) or Euler"), _T_EPS, _CLIP,
                     Param("final_denoise", "bool", True, label="final denoise",
-                          help="end with Tweedie's x̂₀ at t_ε (one more evaluation)")),
+                          help="end with Tweedie's x̂₀ at t_ε (one more evaluation)"), _time_grid("uniform")),
             variants=(("Probability-flow ODE (Heun)", {}),),
+            presets=(("fast: 10 Heun steps on the Karras grid (21 NFE)", 10, {"solver": "heun", "time_grid": "karras"}),
+                     ("paper: Song et al. 2021's discretisation: 1000 Euler steps, uniform", 1000,
+                      {"solver": "euler", "time_grid": "uniform"})),
+        ),
+        SamplerSpec(
+            "edm", "EDM stochastic (Heun + churn)", EDMStochasticScheduler,
+            "Karras et al. 2022, Algorithm 2: Heun steps on the σ-ODE with noise added before each step "
+            "(S_churn, S_tmin, S_tmax, S_noise), Karras σ grid; 2N − 1 evaluations.",
+            default_steps=EDM_DEFAULT_STEPS, steps_label="Heun steps N",
+            params=(Param("s_churn", "float", 30.0, 0.0, 1000.0, label="S_churn",
+                          help="total churn over the N steps (0 = deterministic Heun, Algorithm 1)"),
+                    Param("s_tmin", "float", 0.01, 0.0, 1000.0, label="S_tmin", help="churn only at σ ≥ S_tmin"),
+                    Param("s_tmax", "float", 1.0, 0.0, 1000.0, label="S_tmax", help="churn only at σ ≤ S_tmax"),
+                    Param("s_noise", "float", 1.007, 0.5, 1.5, label="S_noise",
+                          help="standard deviation of the churn noise (slightly above 1 offsets over-denoising)"),
+                    _time_grid("karras"), _CLIP),
+            divergence_hint="use more steps, or lower S_churn",
+            presets=(("fast: 10 deterministic Heun steps (19 NFE; Algorithm 1)", 10, {"s_churn": 0.0}),
+                     ("paper: Karras et al. 2022, Table 5, ImageNet-64: 256 steps, S_churn 80, S_tmin 0.05, S_tmax 50, "
+                      "S_noise 1.003 (511 NFE)", 256,
+                      {"s_churn": 80.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003, "time_grid": "karras"})),
+        ),
+        SamplerSpec(
+            "ipndm", "iPNDM (Adams–Bashforth multistep)", IPNDMScheduler,
+            "Zhang & Chen 2023: Adams–Bashforth multistep on the probability-flow ODE in σ, one evaluation per "
+            "step, lower orders to start; the most accurate sampler here at 10–20 NFE on exact scores (measured).",
+            default_steps=IPNDM_DEFAULT_STEPS,
+            params=(Param("max_order", "int", IPNDMScheduler.DEFAULT_ORDER, 1, 4, label="order",
+                          help="largest Adams–Bashforth order (1 = Euler, i.e. deterministic DDIM; 3 measured best)"),
+                    _time_grid(IPNDMScheduler.DEFAULT_GRID), _CLIP),
+            presets=(("fast: 10 steps", 10, {}),
+                     ("paper: Zhang & Chen 2023: iPNDM of order 4, 20 steps", 20, {"max_order": 4})),
+        ),
+        SamplerSpec(
+            "adaptive_sde", "Adaptive reverse SDE (Gotta Go Fast)", AdaptiveSDEScheduler,
+            "Jolicoeur-Martineau et al. 2021: Euler–Maruyama vs improved Euler on the reverse VP-SDE, step size "
+            "from the error estimate; set a tolerance, the solver reports its NFE (steps = a budget, at most).",
+            default_steps=ADAPTIVE_DEFAULT_BUDGET, steps_label="NFE budget (at most)",
+            params=(Param("rtol", "float", ADAPTIVE_DEFAULT_RTOL, 1e-4, 1.0, label="ε_rel",
+                          help="relative tolerance: smaller is more accurate and spends more evaluations"),
+                    Param("atol", "float", 0.0078, 1e-6, 1.0, label="ε_abs",
+                          help="absolute tolerance (0.0078: one 8-bit level of a [-1, 1] image)"),
+                    _T_EPS,
+                    Param("final_denoise", "bool", True, label="final denoise",
+                          help="end with Tweedie's x̂₀ at t_ε (one more evaluation)"),
+                    _CLIP),
+            divergence_hint="lower the tolerance (rtol)", min_steps=3,
+            presets=(("fast: ε_rel = 0.1, at most 1000 NFE", 1000, {"rtol": 0.1}),
+                     ("paper: Jolicoeur-Martineau et al. 2021: ε_rel = 0.01, ε_abs = 0.0078", 2000,
+                      {"rtol": 0.01, "atol": 0.0078})),
         ),
     )
 }

@@ -10,6 +10,9 @@ correspondence:
   monotone map between fractional labels and σ (piecewise linear in log σ, exactly invertible).
 - ``VPSDE``: the continuous-time VP-SDE of Song et al. (2021) matched to the discrete schedule.
 - ``geometric_sigmas``: the SMLD noise levels σ_1 > … > σ_L.
+- the time grids (docs/schedules.md#time-grids): ``uniform_grid``, ``log_snr_grid`` and
+  ``karras_grid``, one function each, and ``sigma_grid``/``VPSDE.time_grid`` that every custom
+  sampler calls with its ``time_grid`` option.
 - ``linear_betas_for_sigma_range``: the linear DDPM schedule whose σ_t runs from σ_min to σ_max,
   used to present a σ-conditioned (VE) network to every sampler as a VP network (docs/parametrization.md#vp-and-ve-are-one-family).
 
@@ -140,14 +143,95 @@ class DiscreteVPSchedule:
         """ᾱ at a fractional label, consistent with :meth:`t_to_sigma`: ᾱ = 1/(1+σ²) (docs/schedules.md#timestep-labels-and-the-ve-noise-level)."""
         return sigma_to_alpha_bar(self.t_to_sigma(t))
 
+    def sigma_grid(self, grid: str, sigma_max: float, sigma_min: float, num_points: int) -> torch.Tensor:
+        """``num_points`` levels from σ_max to σ_min on a time grid (docs/schedules.md#time-grids);
+        ``uniform`` takes equal steps in the (fractional) DDPM label, the time a network sees."""
+        return sigma_grid(grid, sigma_max, sigma_min, num_points, self.sigma_to_t, self.t_to_sigma)
+
+
+# ---- time grids (docs/schedules.md#time-grids): one function per grid, used by every custom sampler ----
+
+TIME_GRIDS = ("uniform", "log_snr", "karras")
+KARRAS_RHO = 7.0  # ρ of Karras et al. (2022), Eq. 5
+
+
+def _check_grid(start: float, end: float, num_points: int, what: str) -> None:
+    if isinstance(num_points, bool) or int(num_points) != num_points or num_points < 2:
+        raise ValueError(f"a time grid needs at least 2 points, got {num_points!r}")
+    if not (math.isfinite(start) and math.isfinite(end) and start != end):
+        raise ValueError(f"a {what} grid needs two distinct finite end points, got {start} and {end}")
+
+
+def uniform_grid(start: float, end: float, num_points: int) -> torch.Tensor:
+    """Equal steps in the diffusion time: ``num_points`` values from ``start`` to ``end``, both included.
+
+    u_i = start + (i/(n−1)) (end − start), i = 0 … n−1 (Song et al. 2021: t from 1 to t_ε; the
+    samplers that step in the DDPM label use it on labels). float64.
+    """
+    _check_grid(start, end, num_points, "uniform")
+    return torch.linspace(start, end, int(num_points), dtype=torch.float64)
+
+
+def log_snr_grid(sigma_max: float, sigma_min: float, num_points: int) -> torch.Tensor:
+    """Equal steps in log-SNR: σ_i = σ_max (σ_min/σ_max)^{i/(n−1)}, a geometric sequence, float64.
+
+    The log signal-to-noise ratio of level σ is λ = log(a²/s²) = −2 log σ, so equal steps in λ are
+    a constant ratio σ_i/σ_{i+1}: SMLD's geometric noise levels (Song & Ermon 2019) and the time
+    variable of DPM-Solver (Lu et al. 2022).
+    """
+    _check_grid(sigma_max, sigma_min, num_points, "log-SNR")
+    if not (0 < sigma_min < sigma_max):
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), int(num_points), dtype=torch.float64)
+
+
+def karras_grid(sigma_max: float, sigma_min: float, num_points: int, rho: float = KARRAS_RHO) -> torch.Tensor:
+    """EDM's ρ-spaced noise levels (Karras et al. 2022, Eq. 5), float64:
+
+        σ_i = (σ_max^{1/ρ} + (i/(n−1)) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ,   i = 0 … n−1.
+
+    Steps are short near σ_min (ρ = 7 concentrates them there; ρ → ∞ tends to the log-SNR grid).
+    """
+    _check_grid(sigma_max, sigma_min, num_points, "Karras")
+    if not (0 < sigma_min < sigma_max) or not rho > 0:
+        raise ValueError(f"need 0 < sigma_min < sigma_max and ρ > 0, got sigma_min={sigma_min}, sigma_max={sigma_max}, ρ={rho}")
+    ramp = torch.linspace(0.0, 1.0, int(num_points), dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def check_time_grid(grid: str) -> str:
+    """``grid`` if it names a time grid, else ValueError listing them."""
+    if grid not in TIME_GRIDS:
+        raise ValueError(f"time_grid must be one of {list(TIME_GRIDS)}, got {grid!r}")
+    return grid
+
+
+def sigma_grid(grid: str, sigma_max: float, sigma_min: float, num_points: int, time_of_sigma, sigma_of_time) -> torch.Tensor:
+    """``num_points`` noise levels from σ_max down to σ_min on the named grid, end points exact.
+
+    ``uniform`` needs the sampler's time variable: equal steps in u = ``time_of_sigma(σ)``, mapped
+    back with ``sigma_of_time``; ``log_snr`` and ``karras`` are defined on σ alone.
+    """
+    check_time_grid(grid)
+    if grid == "log_snr":
+        sigmas = log_snr_grid(sigma_max, sigma_min, num_points)
+    elif grid == "karras":
+        sigmas = karras_grid(sigma_max, sigma_min, num_points)
+    else:
+        u = uniform_grid(float(time_of_sigma(sigma_max)), float(time_of_sigma(sigma_min)), num_points)
+        sigmas = torch.as_tensor(sigma_of_time(u), dtype=torch.float64).clone()
+    sigmas[0], sigmas[-1] = sigma_max, sigma_min  # no round-off at the ends
+    return sigmas
+
 
 def geometric_sigmas(sigma_max: float, sigma_min: float, num_levels: int) -> torch.Tensor:
-    """SMLD noise levels σ_1 > σ_2 > … > σ_L, a geometric sequence (docs/schedules.md#smld-the-ve-family), float64."""
+    """SMLD noise levels σ_1 > σ_2 > … > σ_L, a geometric sequence (docs/schedules.md#smld-the-ve-family), float64:
+    the log-SNR grid (:func:`log_snr_grid`)."""
     if num_levels < 2:
         raise ValueError(f"annealed Langevin needs at least 2 noise levels, got {num_levels}")
     if not (0 < sigma_min < sigma_max):
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), num_levels, dtype=torch.float64)
+    return log_snr_grid(sigma_max, sigma_min, num_levels)
 
 
 def linear_betas_for_sigma_range(
@@ -234,6 +318,46 @@ class VPSDE:
     def std(self, t: TensorLike) -> torch.Tensor:
         """Marginal standard deviation √(1 - m(t)²)."""
         return (-torch.expm1(2.0 * self.mean_coeff(t).log())).sqrt()
+
+    def sigma(self, t: TensorLike) -> torch.Tensor:
+        """σ(t) = √(1 − m²)/m, the VE noise level of the state at time t (docs/schedules.md#timestep-labels-and-the-ve-noise-level)."""
+        return self.std(t) / self.mean_coeff(t)
+
+    def time_of_sigma(self, sigma: TensorLike) -> torch.Tensor:
+        """The time t whose σ(t) is ``sigma``: the inverse of :meth:`sigma`, clamped to [0, 1].
+
+        Linear β: m(t)² = 1/(1+σ²) is ½Δβ t² + β_min t = log(1+σ²), so
+        t = (−β_min + √(β_min² + 2 Δβ log(1+σ²)))/Δβ with Δβ = β_max − β_min (Lu et al. 2022a,
+        App. D, the inverse of λ(t)). Otherwise log m² is the discrete log ᾱ interpolated linearly in
+        the label, inverted on the same piecewise-linear graph.
+        """
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        log1p_sigma2 = torch.log1p(sigma**2)  # −log m(t)²
+        if self.is_linear:
+            d_beta = self.beta_max - self.beta_min
+            if d_beta == 0:
+                t = log1p_sigma2 / self.beta_min
+            else:
+                t = (-self.beta_min + (self.beta_min**2 + 2 * d_beta * log1p_sigma2).sqrt()) / d_beta
+            return t.clamp(0.0, 1.0)
+        T = self.schedule.num_train_timesteps
+        neg_log_alpha_bar = -self.schedule.alphas_cumprod.log()  # increasing in the label
+        labels = torch.arange(T, dtype=torch.float64)
+        return _interp(log1p_sigma2, neg_log_alpha_bar, labels) / (T - 1)
+
+    def time_grid(self, grid: str, num_steps: int, t_eps: float) -> torch.Tensor:
+        """t_0 = 1 > t_1 > … > t_N = t_ε on a time grid (docs/schedules.md#time-grids), float64.
+
+        ``uniform``: Δt = −(1 − t_ε)/N (Song et al. 2021); ``log_snr`` and ``karras``: the σ grid
+        between σ(1) and σ(t_ε), mapped to times with :meth:`time_of_sigma`.
+        """
+        check_time_grid(grid)
+        if grid == "uniform":
+            return uniform_grid(1.0, t_eps, num_steps + 1)
+        sigma_1, sigma_eps = float(self.sigma(1.0)), float(self.sigma(t_eps))
+        times = self.time_of_sigma(sigma_grid(grid, sigma_1, sigma_eps, num_steps + 1, None, None))
+        times[0], times[-1] = 1.0, t_eps
+        return times
 
     def add_noise(self, x_0: torch.Tensor, noise: torch.Tensor, labels: TensorLike) -> torch.Tensor:
         """Forward marginal x_t = m(t) x₀ + √(1 − m(t)²) z at t = label/(T−1), per sample."""

@@ -18,11 +18,12 @@ class ProbabilityFlowScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin,
     """Deterministic sampler: the probability-flow ODE dx/dt = f(x,t) − ½ g(t)² ∇log p_t(x) of the
     VP-SDE, whose solutions have the same marginals as the SDE (docs/samplers.md#probability-flow-ode).
 
-    Drift d(x, t) = −½ β(t) x − ½ β(t) s_θ(x, t). On the grid t_0 = 1 > … > t_N = t_ε with
-    Δt = −(1 − t_ε)/N:
+    Drift d(x, t) = −½ β(t) x − ½ β(t) s_θ(x, t). On the grid t_0 = 1 > … > t_N = t_ε of
+    ``time_grid`` (docs/schedules.md#time-grids: ``uniform`` with Δt = −(1 − t_ε)/N, the default;
+    ``log_snr``; ``karras``), with Δt_i = t_{i+1} − t_i:
 
-    - Euler: x_{i+1} = x_i + d(x_i, t_i) Δt  (N evaluations);
-    - Heun:  x' = x_i + d_i Δt,  x_{i+1} = x_i + ½ (d_i + d(x', t_{i+1})) Δt  (2N evaluations).
+    - Euler: x_{i+1} = x_i + d(x_i, t_i) Δt_i  (N evaluations);
+    - Heun:  x' = x_i + d_i Δt_i,  x_{i+1} = x_i + ½ (d_i + d(x', t_{i+1})) Δt_i  (2N evaluations).
 
     With ``final_denoise`` one more evaluation at t_ε returns Tweedie's x̂₀ = (x − √(1−m²) ε̂)/m
     instead of x(t_ε), removing the noise left at t_ε (score_sde's ``denoise=True``).
@@ -50,6 +51,7 @@ class ProbabilityFlowScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin,
         final_denoise: finish with the Tweedie denoising step at t_ε (one extra evaluation).
         clip_sample: clip x̂₀ to [−1, 1] at every evaluation and use the ε̂ consistent with it
             (for images; keeps a network whose ε̂ is off at high noise on valid images).
+        time_grid: ``"uniform"``, ``"log_snr"`` or ``"karras"`` (the NFE does not depend on it).
     """
 
     order = 2  # per instance: 2 for Heun, 1 for Euler (set in __init__)
@@ -67,6 +69,7 @@ class ProbabilityFlowScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin,
         sampling_eps: float = 1e-3,
         final_denoise: bool = True,
         clip_sample: bool = False,
+        time_grid: str = "uniform",
     ):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -75,18 +78,22 @@ class ProbabilityFlowScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin,
         self._heun_start = None  # Heun: entry, state and drift of the current step's first stage
         self._x_i = None
         self._d_i = None
+        self._dt = []
 
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device] = None):
         """N ODE steps from t = 1 to t_ε: N (Euler) or 2N (Heun) evaluations, +1 with ``final_denoise``."""
         grid = self._time_grid(num_inference_steps)
         if self.config.solver == "heun":
             times = torch.stack([grid[:-1], grid[1:]], dim=1).reshape(-1)  # t_0, t_1, t_1, t_2, …
+            dts = self.dts.repeat_interleave(2)  # both stages of step i use Δt_i
         else:
             times = grid[:-1]
+            dts = self.dts
         self._num_ode_entries = len(times)
         if self.config.final_denoise:
             times = torch.cat([times, grid[-1:]])  # one more evaluation at t_ε
         self._set_entries(times, device)
+        self._dt = dts.tolist()
         self._heun_start, self._x_i, self._d_i = None, None, None
 
     def _drift(self, model_output, sample, i: int):
@@ -121,12 +128,12 @@ class ProbabilityFlowScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin,
         if i >= self._num_ode_entries:  # final denoising step at t_ε
             prev_sample = pred_original_sample
         elif self.config.solver == "euler":
-            prev_sample = sample + drift * self.dt  # Euler method
+            prev_sample = sample + drift * self._dt[i]  # Euler method: x + d Δt_i
         elif i % 2 == 0:  # Heun, first stage: Euler predictor to t_{i+1}
             self._heun_start, self._x_i, self._d_i = i, sample, drift
-            prev_sample = sample + drift * self.dt
+            prev_sample = sample + drift * self._dt[i]
         elif self._heun_start == i - 1:  # Heun, second stage: trapezoidal corrector
-            prev_sample = self._x_i + 0.5 * (self._d_i + drift) * self.dt
+            prev_sample = self._x_i + 0.5 * (self._d_i + drift) * self._dt[i]
             self._heun_start, self._x_i, self._d_i = None, None, None
         else:  # a second stage without its first: the loop starts here, at the end of a step
             prev_sample = sample

@@ -21,9 +21,11 @@ class VPSDEScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin, VPSDEGrid
     Forward SDE dx = -½ β(t) x dt + √β(t) dw, β(t) = β_min + t (β_max − β_min) with
     β_min = T·beta_start, β_max = T·beta_end (docs/samplers.md#vp-sde-euler-maruyama); reverse SDE
     dx = [f(x,t) − g(t)² ∇log p_t(x)] dt + g(t) dw̄. With N = ``num_inference_steps`` the grid is
-    t_0 = 1 > t_1 > … > t_N = t_ε, Δt = −(1 − t_ε)/N, and each predictor step is
+    t_0 = 1 > t_1 > … > t_N = t_ε on ``time_grid`` (docs/schedules.md#time-grids): ``uniform``
+    (Song et al.'s Δt = −(1 − t_ε)/N, the default), ``log_snr`` or ``karras``; with
+    Δt_i = t_{i+1} − t_i < 0 each predictor step is
 
-        x̄ = x + [−½ β(t_i) x − β(t_i) s_θ(x, t_i)] Δt,    x = x̄ + √β(t_i) √|Δt| z,
+        x̄ = x + [−½ β(t_i) x − β(t_i) s_θ(x, t_i)] Δt_i,    x = x̄ + √β(t_i) √|Δt_i| z,
 
     returning x̄ (no noise) on the last step. With ``corrector_steps`` = C > 0, each predictor step
     is preceded by C Langevin corrector steps at t_i (score_sde's PC sampler):
@@ -44,6 +46,8 @@ class VPSDEScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin, VPSDEGrid
         sampling_eps: t_ε, where integration stops (the score is unreliable at t → 0).
         corrector_steps: C, Langevin corrector steps per predictor step (0 = plain Euler–Maruyama).
         snr: r, the corrector's signal-to-noise ratio.
+        time_grid: ``"uniform"``, ``"log_snr"`` or ``"karras"``: where the N + 1 grid times lie (the
+            NFE does not depend on it).
     """
 
     order = 1  # per instance: 1 + corrector_steps (set in __init__)
@@ -60,10 +64,12 @@ class VPSDEScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin, VPSDEGrid
         sampling_eps: float = 1e-3,
         corrector_steps: int = 0,
         snr: float = 0.16,
+        time_grid: str = "uniform",
     ):
         self._init_sde()
         self.order = 1 + max(int(corrector_steps), 0)
         self._alpha = []
+        self._dt = []
 
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device] = None):
         """N predictor steps from t = 1 to t_ε; each preceded by ``corrector_steps`` corrector steps."""
@@ -76,6 +82,7 @@ class VPSDEScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin, VPSDEGrid
         self.is_corrector = torch.tensor(([True] * C + [False]) * num_inference_steps)
         times = grid[:-1].repeat_interleave(C + 1)
         self._set_entries(times, device)
+        self._dt = self.dts.repeat_interleave(C + 1).tolist()  # Δt_i of each entry's predictor step
         # α_i = 1 − β of the discrete schedule at the (fractional) label of each entry, in (0, 1)
         labels = self.sde.label(times).numpy()
         self._alpha = np.interp(labels, np.arange(self.schedule.num_train_timesteps), self.schedule.alphas.numpy()).tolist()
@@ -96,7 +103,7 @@ class VPSDEScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin, VPSDEGrid
         Raises:
             ValueError: on the first call, for a timestep that is not an entry of ``timesteps``.
         """
-        # x (sample): VP state | t: continuous time | β(t): g² | Δt < 0 | z: fresh N(0, I) | s: score
+        # x (sample): VP state | t: continuous time | β(t): g² | Δt_i < 0 | z: fresh N(0, I) | s: score
         i = self._current_index(timestep)
         if i is None:
             return self._repeat(sample, return_dict)
@@ -113,11 +120,12 @@ class VPSDEScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin, VPSDEGrid
             prev_sample = sample + step_size * score + (2 * step_size).sqrt() * z  # Langevin corrector
         else:
             drift = -0.5 * beta_t * sample - beta_t * score  # f − g² s
-            x_mean = sample + drift * self.dt  # x̄ = x + [f − g² s] Δt
+            dt = self._dt[i]  # Δt_i = t_{i+1} − t_i
+            x_mean = sample + drift * dt  # x̄ = x + [f − g² s] Δt_i
             last = i == len(self.timesteps) - 1
             if last:
                 prev_sample = x_mean  # noise removal on the last step
             else:
                 z = self._randn(sample, generator)
-                prev_sample = x_mean + math.sqrt(beta_t * abs(self.dt)) * z  # + g √|Δt| z
+                prev_sample = x_mean + math.sqrt(beta_t * abs(dt)) * z  # + g √|Δt_i| z
         return self._finish(i, prev_sample, pred_original_sample, return_dict)

@@ -109,11 +109,11 @@ class LangevinWrongSign(AnnealedLangevinScheduler):
 
 
 class EulerMaruyamaHalfDt(VPSDEScheduler):
-    """Δt = −(1 − t_ε)/(2N): integrates only half-way to t_ε."""
+    """Δt_i halved: integrates only half-way to t_ε."""
 
     def set_timesteps(self, num_inference_steps, device=None):
         super().set_timesteps(num_inference_steps, device)
-        self.dt = self.dt / 2
+        self._dt = [dt / 2 for dt in self._dt]
 
 
 class EulerMaruyamaWrongSign(VPSDEScheduler):

@@ -14,7 +14,11 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from diffusers.utils import DummyObject
 
 from schedulers import AnnealedLangevinScheduler, ProbabilityFlowScheduler, VPSDEScheduler
+from schedulers.base import VEStateMixin
+from schedulers.scheduling_adaptive_sde import AdaptiveSDEScheduler
 from schedulers.scheduling_dpmsolver_clipped import ClippedDPMSolverMultistepScheduler
+from schedulers.scheduling_edm import EDMStochasticScheduler
+from schedulers.scheduling_ipndm import IPNDMScheduler
 
 CUSTOM = [
     (AnnealedLangevinScheduler, {}),
@@ -24,12 +28,21 @@ CUSTOM = [
     (ProbabilityFlowScheduler, {"solver": "heun"}),
     (ProbabilityFlowScheduler, {"solver": "heun", "final_denoise": False}),
     (ProbabilityFlowScheduler, {"solver": "euler", "clip_sample": True}),
+    (VPSDEScheduler, {"time_grid": "karras"}),
+    (ProbabilityFlowScheduler, {"solver": "heun", "time_grid": "log_snr"}),
+    (AnnealedLangevinScheduler, {"time_grid": "uniform", "delta": 0.3}),
+    (EDMStochasticScheduler, {}),
+    (EDMStochasticScheduler, {"s_churn": 0.0, "time_grid": "log_snr", "clip_sample": True}),
+    (IPNDMScheduler, {}),
+    (IPNDMScheduler, {"max_order": 4, "time_grid": "karras"}),
 ]
 IDS = [f"{cls.__name__}-{kw}" for cls, kw in CUSTOM]
-ALL = CUSTOM + [(ClippedDPMSolverMultistepScheduler, {"thresholding": True, "sample_max_value": 0.8})]
-ALL_IDS = IDS + ["ClippedDPMSolver"]
-STOCHASTIC = (AnnealedLangevinScheduler, VPSDEScheduler)
-LAB_CLASSES = {AnnealedLangevinScheduler, VPSDEScheduler, ProbabilityFlowScheduler, ClippedDPMSolverMultistepScheduler}
+ALL = CUSTOM + [(ClippedDPMSolverMultistepScheduler, {"thresholding": True, "sample_max_value": 0.8}),
+                (AdaptiveSDEScheduler, {"rtol": 0.1})]
+ALL_IDS = IDS + ["ClippedDPMSolver", "AdaptiveSDE"]
+STOCHASTIC = (AnnealedLangevinScheduler, VPSDEScheduler, EDMStochasticScheduler, AdaptiveSDEScheduler)
+LAB_CLASSES = {AnnealedLangevinScheduler, VPSDEScheduler, ProbabilityFlowScheduler, ClippedDPMSolverMultistepScheduler,
+               EDMStochasticScheduler, IPNDMScheduler, AdaptiveSDEScheduler}
 BETA_SCHEDULES = {
     "linear": {"beta_start": 1e-4, "beta_end": 0.02},
     "scaled_linear": {"beta_start": 0.00085, "beta_end": 0.012},
@@ -202,7 +215,7 @@ def test_seeded_determinism(cls, kwargs):
     b = sample(cls(**kwargs), seed=3)
     c = sample(cls(**kwargs), seed=4)  # same starting noise, different step noise
     assert torch.equal(a, b)
-    assert torch.equal(a, c) == (cls not in STOCHASTIC)
+    assert torch.equal(a, c) == (cls not in STOCHASTIC or kwargs.get("s_churn") == 0.0)  # S_churn = 0: Algorithm 1
 
 
 @pytest.mark.parametrize("cls,kwargs", CUSTOM, ids=IDS)
@@ -252,8 +265,8 @@ def test_scale_model_input_before_and_after_set_timesteps(cls, kwargs):
     assert before.shape == x.shape and torch.isfinite(before).all()
     s.set_timesteps(3)
     after = s.scale_model_input(x, s.timesteps[0])
-    if cls is AnnealedLangevinScheduler:
-        torch.testing.assert_close(after, x / math.sqrt(1 + s.init_noise_sigma**2))
+    if issubclass(cls, VEStateMixin):  # VE state: the first entry's σ (EDM: t̂_0, possibly churned)
+        torch.testing.assert_close(after, x / math.sqrt(1 + float(s.sigmas[0]) ** 2))
     else:
         assert torch.equal(before, x) and torch.equal(after, x)  # the VP state is the network's input
 
@@ -269,7 +282,7 @@ def test_add_noise_is_the_forward_marginal_of_the_ddpm_schedule(cls, kwargs, bet
     noisy = s.add_noise(x0, noise, labels)
     assert noisy.shape == x0.shape
     reference = ddpm.add_noise(x0, noise, labels)
-    if cls is AnnealedLangevinScheduler:
+    if issubclass(cls, VEStateMixin):
         noisy = noisy * ddpm.alphas_cumprod[labels].double().sqrt()[:, None, None, None]  # x_t = √ᾱ x̃
     elif beta_schedule == "linear":  # the continuous VP-SDE of Song et al.: ᾱ up to a few per cent
         torch.testing.assert_close(noisy, reference, rtol=0, atol=0.05)
@@ -289,6 +302,8 @@ def test_add_noise_is_the_forward_marginal_of_the_ddpm_schedule(cls, kwargs, bet
     (VPSDEScheduler, {"corrector_steps": 2}, 3, 0),
     (AnnealedLangevinScheduler, {"steps_per_level": 4}, 4, 1),
     (AnnealedLangevinScheduler, {"steps_per_level": 1, "final_denoise": False}, 1, 0),
+    (EDMStochasticScheduler, {}, 2, -1),
+    (IPNDMScheduler, {}, 1, 0),
 ])
 def test_order_is_the_number_of_entries_per_step(cls, kwargs, order, extra):
     """diffusers' pipelines take ``timesteps[t_start * order:]`` and count progress in steps of ``order``."""

@@ -10,6 +10,9 @@ import torch
 from diffusers import DDPMScheduler
 
 from schedulers import SAMPLERS, AnnealedLangevinScheduler, ProbabilityFlowScheduler, VPSDEScheduler, create_scheduler
+from schedulers.scheduling_adaptive_sde import AdaptiveSDEScheduler
+from schedulers.scheduling_edm import EDMStochasticScheduler
+from schedulers.scheduling_ipndm import IPNDMScheduler
 
 CUSTOM = [
     (AnnealedLangevinScheduler, {}),
@@ -18,6 +21,8 @@ CUSTOM = [
     (VPSDEScheduler, {"corrector_steps": 2}),
     (ProbabilityFlowScheduler, {"solver": "heun"}),
     (ProbabilityFlowScheduler, {"solver": "euler"}),
+    (EDMStochasticScheduler, {}),
+    (IPNDMScheduler, {}),
 ]
 IDS = [f"{cls.__name__}-{kw}" for cls, kw in CUSTOM]
 
@@ -108,7 +113,8 @@ def test_step_past_the_end_is_an_error(cls, kwargs):
         s.step(torch.zeros(2, 1, 8, 8), s.timesteps[-1], torch.zeros(2, 1, 8, 8))
 
 
-@pytest.mark.parametrize("cls", [AnnealedLangevinScheduler, VPSDEScheduler, ProbabilityFlowScheduler])
+@pytest.mark.parametrize("cls", [AnnealedLangevinScheduler, VPSDEScheduler, ProbabilityFlowScheduler,
+                                 EDMStochasticScheduler, IPNDMScheduler, AdaptiveSDEScheduler])
 @pytest.mark.parametrize("bad", [0, -3, 2.5, 10**7])
 def test_bad_step_counts_are_rejected(cls, bad):
     with pytest.raises((ValueError, TypeError)):
@@ -142,7 +148,7 @@ def test_sde_and_ode_budgets():
     s = VPSDEScheduler(corrector_steps=2)
     s.set_timesteps(10)
     assert len(s.timesteps) == 30
-    assert math.isclose(s.dt, -(1 - 1e-3) / 10)
+    assert torch.allclose(s.dts, torch.full((10,), -(1 - 1e-3) / 10, dtype=torch.float64))  # the uniform grid's Δt
     h = ProbabilityFlowScheduler(solver="heun")
     h.set_timesteps(10)
     assert len(h.timesteps) == 21  # 2 per Heun step + the final denoising evaluation at t_ε

@@ -1,0 +1,124 @@
+"""Annealed Langevin with a step size relative to the level (α_i = δ σ_i², docs/samplers.md#annealed-langevin-dynamics):
+the δ/ε semantics, the stationary variance the docstring states, the defaults on checkpoints whose
+σ_min runs from 0.001 to 0.1, and the defaults' accuracy on the 16-dimensional mixture."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipelines.analytic import GaussianMixtureNet
+from pipelines.sampling import SamplerPipeline
+from schedulers.parametrization import EpsilonNetwork
+from schedulers.registry import SAMPLERS, create_scheduler, nfe_of
+from schedulers.schedules import DiscreteVPSchedule, linear_betas_for_sigma_range
+from schedulers.scheduling_annealed_langevin import DEFAULT_DELTA, AnnealedLangevinScheduler
+
+WEIGHTS, MEANS, STDS = [0.3, 0.7], [[-0.6, -0.3], [0.5, 0.4]], [0.1, 0.2]
+W16, S16 = [0.1, 0.2, 0.3, 0.4], [0.03, 0.06, 0.12, 0.25]  # benchmarks/bench_samplers.py's 16-D mixture
+M16 = torch.randn(4, 16, generator=torch.Generator().manual_seed(16), dtype=torch.float64) * 0.3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one thread is faster than two on a shared CPU (and much faster under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def ve_config(sigma_min: float, sigma_max: float = 50.0) -> dict:
+    """The DDPM schedule a VE checkpoint of that σ range is sampled with (checkpoint.ve_sampler_config)."""
+    beta_start, beta_end = linear_betas_for_sigma_range(sigma_min, sigma_max)
+    return {"num_train_timesteps": 1000, "beta_start": beta_start, "beta_end": beta_end, "beta_schedule": "linear"}
+
+
+def ve_pipeline(config, weights, means, stds):
+    net = GaussianMixtureNet(weights, means, stds, family="ve", schedule=DiscreteVPSchedule.from_config(config))
+    dim = net.dim
+    return SamplerPipeline(net, net.model_family(), sampler_config=config, sample_shape=(dim, 1, 1)), net
+
+
+def test_step_size_is_delta_times_the_level_variance_and_epsilon_overrides_it():
+    s = AnnealedLangevinScheduler(delta=0.2, steps_per_level=2, final_denoise=False)
+    s.set_timesteps(5)
+    torch.testing.assert_close(s.step_sizes, 0.2 * s.sigmas**2)  # α_i = δ σ_i²
+    e = AnnealedLangevinScheduler(step_size=3e-5, delta=0.2, steps_per_level=2, final_denoise=False)
+    e.set_timesteps(5)
+    sigma_L = float(e.sigmas[-1])
+    assert math.isclose(e.delta, 3e-5 / sigma_L**2)  # δ = ε/σ_L²: step_size wins
+    torch.testing.assert_close(e.step_sizes, 3e-5 * e.sigmas**2 / sigma_L**2)  # Song & Ermon: α_i = ε σ_i²/σ_L²
+    assert SAMPLERS["langevin"].defaults()["step_size"] is None
+    assert SAMPLERS["langevin"].defaults()["delta"] == DEFAULT_DELTA
+    scheduler, _ = create_scheduler("langevin", None, {"step_size": 2e-5, "delta": 0.7})
+    assert scheduler.config.step_size == 2e-5 and math.isclose(scheduler.delta, 2e-5 / scheduler.schedule.sigma_min**2)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(delta=2.0), "diverges"), (dict(delta=0.0), "delta"),
+                                       (dict(step_size=2.5e-4), "diverges")])
+def test_diverging_steps_are_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        AnnealedLangevinScheduler(**bad).set_timesteps(4)
+
+
+@pytest.mark.parametrize("delta", [0.2, 0.8])
+def test_stationary_variance_is_v_over_one_minus_delta_sigma2_over_2v(delta):
+    """The docstring's bias: at a level σ, on data N(0, c²) (so p_σ = N(0, v), v = c² + σ²), the chain
+    with γ = δσ² settles at V* = v/(1 − γ/(2v)); many steps at one final level show it."""
+    c, sigma = 0.1, 0.1
+    v = c**2 + sigma**2
+    net = GaussianMixtureNet([1.0], [[0.0, 0.0]], [c], family="vp")
+    eps_net = EpsilonNetwork(net, net.model_family(), net.schedule)
+    s = AnnealedLangevinScheduler(delta=delta, steps_per_level=300, sigma_max=0.2, sigma_min=sigma, final_denoise=False)
+    s.set_timesteps(2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 2, 1, 1, generator=g, dtype=torch.float64) * s.init_noise_sigma
+    for t in s.timesteps:
+        x = s.step(eps_net(s.scale_model_input(x, t), t), t, x, generator=g).prev_sample
+    expected = v / (1 - delta * sigma**2 / (2 * v))
+    assert abs(float(x.var()) / expected - 1) < 0.05  # s.e. of a variance from 8000 draws: 1.6 %
+    assert abs(float(x.var()) / v - 1) > 0.04  # and the bias is really there
+
+
+@pytest.mark.parametrize("sigma_min", [0.001, 0.01, 0.1])
+def test_defaults_run_on_checkpoints_from_sigma_min_0_001_to_0_1(sigma_min):
+    config = ve_config(sigma_min)
+    spec = SAMPLERS["langevin"]
+    steps = spec.check_steps(spec.default_steps, config)
+    assert nfe_of("langevin", steps, None, config) <= 1000
+    pipe, net = ve_pipeline(config, WEIGHTS, MEANS, STDS)
+    out = pipe("langevin", batch_size=2000, seed=0, output_type="pt", dtype=torch.float64)
+    assert torch.isfinite(out.images).all()
+    stats = net.statistics(out.images)
+    assert (stats["weights"] - torch.tensor(WEIGHTS, dtype=torch.float64)).abs().max() < 0.04
+    # the final Tweedie step returns E[x₀ | x̃] at σ_L, whose spread in mode k is s_k²/√(s_k² + σ_L²)
+    stds = torch.tensor(STDS, dtype=torch.float64)
+    tweedie = stds**2 / (stds**2 + sigma_min**2).sqrt()
+    assert ((stats["stds"] / tweedie) - 1).abs().max() < 0.1
+    if sigma_min < 0.005:  # the old absolute default ε = 5e-5 is δ = ε/σ_L² ≥ 2 here: refused
+        with pytest.raises(ValueError, match="diverges"):
+            create_scheduler("langevin", config, {"step_size": 5e-5})[0].set_timesteps(10)
+
+
+@pytest.mark.parametrize("family", ["vp", "ve"])
+def test_defaults_on_the_16d_mixture(family):
+    """Measured (docs/samplers.md#annealed-langevin-dynamics, 3,000 samples): mode-weight error 0.068 / 0.060
+    (VP / VE) at the defaults (1000 NFE) against 0.199 / 0.213 with the old ones (ε = 5e-5, i.e. δ = 0.5,
+    K = 3, L = 100); the widths within 5 %."""
+    config = ve_config(0.01) if family == "ve" else {}
+    net = GaussianMixtureNet(W16, M16, S16, family=family, schedule=DiscreteVPSchedule.from_config(config))
+    pipe = SamplerPipeline(net, net.model_family(), sampler_config=config or None, sample_shape=(16, 1, 1))
+
+    def errors(steps=None, params=None):
+        out = pipe("langevin", steps, params, batch_size=2000, seed=0, output_type="pt", dtype=torch.float64)
+        stats = net.statistics(out.images)
+        return (float((stats["weights"] - torch.tensor(W16, dtype=torch.float64)).abs().max()),
+                float((stats["stds"] / torch.tensor(S16, dtype=torch.float64) - 1).abs().max()))
+
+    weight, width = errors()
+    old_weight, _ = errors(100, {"step_size": 5e-5, "steps_per_level": 3})
+    assert weight < 0.085 and width < 0.07, (weight, width)
+    assert weight < old_weight / 1.5, (weight, old_weight)
