@@ -206,3 +206,5 @@ def test_training_a_latent_dit_gives_a_checkpoint_the_pipeline_samples(tmp_path)
     pipe = SamplerPipeline.from_pretrained(str(out / "model"))
     images = pipe("ddim", 2, batch_size=2, seed=0, class_labels=[3, 4], guidance_scale=3.0, output_type="np").images
     assert images.shape == (2, 32, 32, 1) and math.isfinite(float(images.sum()))
+    card = (out / "model" / "README.md").read_text()
+    assert "latent DiT" in card and "latents 4×8×8 of 32×32 images" in card and "AutoencoderKL" in card, card

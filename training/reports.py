@@ -6,17 +6,33 @@ import sys
 from pathlib import Path
 
 
-def build_model_card(args, family, data, n_params, state, command) -> str:
-    """README.md of an exported model: objective, size, data, steps, time, loss and the exact command."""
+def build_model_card(args, family, data, n_params, state, command, decoder=None, latent_shape=None) -> str:
+    """README.md of an exported model: objective, size, data, steps, time, loss and the exact command.
+
+    For a latent model (``decoder``, the ``LatentDecoder``; ``latent_shape``, (C, h, w)) the card also
+    names the backbone, the latent shape and the decoder with its scaling factor."""
     hours = state["train_seconds"] / 3600
+    if family.kind == "vp":
+        kind = f"DDPM (VP, {args.prediction_type}-prediction)"
+        if decoder is not None:
+            backbone = "DiT" if getattr(args, "backbone", "unet") == "dit" else "UNet"
+            kind = f"latent {backbone}, {kind}"
+    else:
+        kind = "NCSN (VE score network)"
+    if decoder is not None and latent_shape is not None:
+        c, h, w = latent_shape
+        resolution = (f"latents {c}×{h}×{w} of {args.resolution}×{args.resolution} images; decoder "
+                      f"{type(decoder.model).__name__} (`vae/`), {decoder.note}")
+    else:
+        resolution = f"{args.resolution}×{args.resolution}×{data.images.shape[1]}"
     lines = [
         "---", "library_name: diffusers", "tags: [diffusion, mnist, sampler-lab]", "---", "",
-        f"# {Path(args.output_dir).name}: {'DDPM (VP, ' + args.prediction_type + '-prediction)' if family.kind == 'vp' else 'NCSN (VE score network)'}",
+        f"# {Path(args.output_dir).name}: {kind}",
         "", f"Trained with this project's `training/train.py` on {data.source}.", "",
         "| | |", "|---|---|",
         f"| objective | {args.objective} |",
         f"| parameters | {n_params:,} |",
-        f"| resolution | {args.resolution}×{args.resolution}×{data.images.shape[1]} |",
+        f"| resolution | {resolution} |",
         f"| conditioning | {'class-conditional, ' + str(data.num_classes) + ' classes, label dropout p=' + str(args.p_uncond) if family.is_conditional else 'unconditional'} |",
         f"| optimizer steps | {state['step']:,} (batch {args.train_batch_size} × {state['num_processes']} processes × {args.gradient_accumulation_steps} accumulation) |",
         f"| training time | {hours:.2f} h of wall time ({state['device']}) |",

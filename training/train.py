@@ -394,7 +394,8 @@ class Trainer:
             save_checkpoint(self.output_dir / "model", model, self.family, self.sampler_config,
                             training_args=self.resolved_args(),
                             model_card=build_model_card(self.args, self.family, self.data, self.n_params, self.state,
-                                                        self.command),
+                                                        self.command, decoder=self.decoder,
+                                                        latent_shape=tuple(self.images.shape[1:]) if self.decoder else None),
                             lab_extra={"class_names": self.data.class_names if self.conditional else None},
                             decoder=self.decoder)
             if self.args.save_images_steps:
