@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,6 +106,28 @@ def test_evaluate_command_end_to_end(tiny_cond, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["report"]["num_samples"] == 40 and report["real_vs_real"]["num_samples"] == 40
     assert report["report"]["fid"] > report["real_vs_real"]["fid"]  # an untrained network is worse than real digits
+    assert "IS " in text and report["report"]["inception_score_splits"] == 1  # 40 samples: one split of ≥ 10
+    assert 1.0 <= report["report"]["inception_score"] <= 10.0 and report["real_vs_real"]["inception_score"] is not None
+    if "inception_is" not in report["report"]["extra"]:  # no Inception weights here: one note, no crash
+        assert any(n.startswith("torchmetrics Inception IS/FID skipped") for n in report["report"]["extra"]["notes"])
+
+
+def test_evaluate_adds_the_likelihood_of_held_out_digits(tiny_cond, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert evaluate_main(["--checkpoint", tiny_cond, "--sampler", "ddim", "--steps", "2", "--num_samples", "10",
+                          "--batch_size", "10", "--nll", "both", "--nll_images", "2", "--nll_stride", "100",
+                          "--nll_rtol", "1e-2", "--no_inception", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "NLL bound" in text and "NLL ODE" in text and "bits/dim" in text
+    nll = json.loads(out.read_text())["report"]["extra"]["nll"]
+    assert nll["bound"]["num_images"] == 2 and nll["ode"]["num_images"] == 2 and "per_image_bpd" not in nll["ode"]
+    assert len(nll["bound"]["terms_bpd"]) == nll["bound"]["network_evaluations_per_image"] + 1
+
+
+def test_inception_score_splits_too_many_for_the_samples_is_a_clear_error(tiny_cond):
+    with pytest.raises(ValueError, match="needs at least 100 images"):
+        evaluate_main(["--checkpoint", tiny_cond, "--sampler", "ddim", "--steps", "2", "--num_samples", "20",
+                       "--batch_size", "20", "--is_splits", "10", "--no_inception"])
 
 
 def test_table_writes_markdown_csv_plot_and_resumes(tiny_cond, tmp_path):
@@ -119,6 +142,42 @@ def test_table_writes_markdown_csv_plot_and_resumes(tiny_cond, tmp_path):
     before = out.with_suffix(".json").read_text()
     run(tiny_cond, 20, out, nfes=(5, 12), rows=rows, batch_size=20)  # everything is cached: nothing recomputed
     assert json.loads(out.with_suffix(".json").read_text())["cells"] == json.loads(before)["cells"]
+
+
+def test_table_is_and_nll_columns_resume_tables_made_before_them(tiny_cond, tmp_path):
+    """A table whose cells predate IS resumes unchanged for FID; asking for IS recomputes just those cells."""
+    out = tmp_path / "table"
+    rows = [r for r in ROWS if r[1] == "ddim"][:1]
+    run(tiny_cond, 20, out, nfes=(3,), rows=rows, batch_size=20)
+    store = out.with_suffix(".json")
+    old = json.loads(store.read_text())
+    for cell in old["cells"].values():  # the cells as tables made before IS stored them
+        for key in ("inception_score", "inception_score_std", "inception_score_splits"):
+            cell.pop(key)
+    store.write_text(json.dumps(old))
+    assert run(tiny_cond, 20, out, nfes=(3,), rows=rows, batch_size=20)["cells"] == old["cells"]  # nothing recomputed
+    assert "IS" not in out.with_suffix(".md").read_text()
+    new = run(tiny_cond, 20, out, nfes=(3,), rows=rows, batch_size=20, metrics=("fid", "is"), nll="bound",
+              nll_options={"num_images": 2, "stride": 100})
+    cell = new["cells"][f"{rows[0][0]}|3"]
+    assert cell["inception_score"] is not None and cell["fid"] == pytest.approx(old["cells"][f"{rows[0][0]}|3"]["fid"])
+    assert new["meta"] == old["meta"] and new["likelihood"]["bound"]["stride"] == 100
+    md = out.with_suffix(".md").read_text()
+    assert "FID " in md and " · IS " in md and "NLL, variational bound" in md and "bits/dim" in md
+    header = out.with_suffix(".csv").read_text().splitlines()[0]
+    assert header == "sampler,FID NFE≈3,IS NFE≈3"
+
+
+def test_the_committed_tables_still_load_and_render(tmp_path):
+    from evaluation.table import write_outputs
+
+    for name in ("sampler-table", "ncsn-table"):
+        results = json.loads((Path(__file__).resolve().parents[1] / "docs" / f"{name}.json").read_text())
+        assert set(results["meta"]) <= {"checkpoint", "weights_sha256", "num_samples", "seed", "class_conditional",
+                                        "guidance_scale"}  # the key a resumed run compares: nothing added
+        write_outputs(results, tmp_path / name, nfes=(10, 20, 50, 100), metrics=("fid", "is"))
+        md = (tmp_path / f"{name}.md").read_text()
+        assert "FID " in md and "IS –" in md  # cells from before IS show a dash, not an error
 
 
 def test_table_refuses_to_resume_on_other_weights(tiny_cond, tmp_path):
@@ -155,7 +214,7 @@ def test_two_processes_share_the_generation(tiny_cond, tmp_path):
                            "--mixed_precision", "no", "--dynamo_backend", "no", *args, "--json", str(two)],
                           cwd=root, env={**env, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("FID") == 1  # only rank 0 reports
+    assert proc.stdout.count("real vs real at the same n") == 1  # only rank 0 reports
     one = tmp_path / "one.json"
     assert evaluate_main([*args[2:], "--json", str(one)]) == 0
     a, b = json.loads(one.read_text())["report"], json.loads(two.read_text())["report"]

@@ -8,6 +8,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from pipelines import CheckpointError, SamplerPipeline
+from pipelines.checkpoint import HUB_PATTERNS, looks_like_repo_id
 
 from .errors import UserError
 
@@ -18,6 +19,8 @@ BUNDLED = {
     "MNIST NCSN score network (bundled)": CHECKPOINT_DIR / "mnist-ncsn",
 }
 DEFAULT_CHECKPOINT = next(iter(BUNDLED))
+SPACE_REFUSAL = ("On this server only the bundled checkpoints and Hugging Face Hub repo ids (owner/name) can be loaded; "
+                 "{source!r} is neither, or could not be loaded from the Hub.")
 
 
 def on_space() -> bool:
@@ -49,15 +52,35 @@ class ModelCache:
             if source in self._items:
                 self._items.move_to_end(source)
                 return self._items[source]
-            allowed = [str(CHECKPOINT_DIR)] if on_space() else None
             try:
-                pipe = SamplerPipeline.from_pretrained(source, allowed_roots=allowed)
+                pipe = self._load_on_space(source) if on_space() else SamplerPipeline.from_pretrained(source)
             except CheckpointError as err:
                 raise UserError(str(err)) from err
             self._items[source] = pipe
             while len(self._items) > self.max_items:
                 self._items.popitem(last=False)
             return pipe
+
+    @staticmethod
+    def _load_on_space(source: str) -> SamplerPipeline:
+        """On a public server: the app's own checkpoints, or a Hub repo id, and nothing else.
+
+        The answer must not tell a visitor whether a path exists on the server, so whatever is not
+        lexically inside ``checkpoints/`` is never looked up on disk: a repo id goes straight to the
+        Hub (a local folder of the same name is ignored), anything else gets one fixed refusal.
+        """
+        local = Path(os.path.abspath(os.path.expanduser(source)))  # lexical: touches no file
+        if local.is_relative_to(CHECKPOINT_DIR):
+            return SamplerPipeline.from_pretrained(str(local), allowed_roots=[str(CHECKPOINT_DIR)])
+        if not looks_like_repo_id(source):
+            raise UserError(SPACE_REFUSAL.format(source=source))
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(source, allow_patterns=HUB_PATTERNS)
+        except Exception as err:  # offline, unknown or gated repo: the same words for every failure
+            raise UserError(SPACE_REFUSAL.format(source=source)) from err
+        return SamplerPipeline.from_pretrained(folder, allow_hub=False, allowed_roots=[folder])
 
     def __len__(self) -> int:
         return len(self._items)
@@ -85,3 +108,20 @@ def checkpoint_summary(choice: str) -> dict:
     f = pipe.family
     return {"conditional": f.is_conditional, "num_classes": f.num_classes or 0, "guidance": f.null_class_label is not None,
             "family": f.kind, "sampler_config": pipe.sampler_config}
+
+
+def checkpoint_path(choice: str) -> str:
+    """The folder (or repo id) a choice stands for, relative to the project when it lies inside it (for code snippets)."""
+    source = CACHE.resolve(choice)
+    try:
+        return str(Path(source).resolve().relative_to(ROOT))
+    except ValueError:
+        return source
+
+
+def choice_for(source: str) -> str:
+    """The dropdown label of a bundled checkpoint given as a path (``checkpoints/mnist-ncsn``), else ``source``."""
+    for label, path in BUNDLED.items():
+        if source == label or os.path.abspath(source) == str(path):
+            return label
+    return source
