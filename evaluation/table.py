@@ -57,6 +57,14 @@ def _has_metrics(cell: dict, metrics) -> bool:
     return "error" in cell or all(cell.get(METRICS[m][0]) is not None for m in metrics)
 
 
+def _resolved_setting(sampler: str, params: dict) -> dict:
+    """The sampler and every parameter value a cell runs with (the registry's defaults filled in), as
+    stored with the cell: a resumed table remakes cells whose sampler defaults have changed since."""
+    from schedulers.registry import get_spec
+
+    return {"sampler": sampler, "params": json.loads(json_text({**get_spec(sampler).defaults(), **params}))}
+
+
 def _read_results(store: Path) -> dict:
     """The saved table to resume from, or {} when there is none; a corrupt file is a clear refusal."""
     if not store.exists():
@@ -104,19 +112,20 @@ def run(checkpoint: str, num_samples: int, out: Path, nfes=NFES, rows=ROWS, seed
     for title, sampler, params in rows:
         for target in nfes:
             key = f"{title}|{target}"
-            if key in cells and _has_metrics(cells[key], metrics):
-                continue
+            setting = _resolved_setting(sampler, params)
+            if key in cells and _has_metrics(cells[key], metrics) and cells[key].get("setting") == setting:
+                continue  # a cell made with other sampler defaults (an older registry) is made again
             try:
                 steps = steps_for_nfe(sampler, target, params, pipe.sampler_config)
                 images, labels, nfe, seconds = sample_images(pipe, sampler, steps, num_samples, batch_size, seed, params,
                                                              class_conditional, guidance_scale, accelerator)
             except ValueError as err:  # a budget this sampler cannot take (DDPM above 1000 steps)
-                cells[key] = {"error": str(err)}
+                cells[key] = {"error": str(err), "setting": setting}
                 continue
             if main_proc:
                 feats, preds, probs = features(images, probabilities=True)
                 report = statistics(feats, preds, ref_feats, labels, nfe, seconds / num_samples, probs=probs)
-                cells[key] = {"steps": steps, **asdict(report)}
+                cells[key] = {"steps": steps, "setting": setting, **asdict(report)}
                 store.write_text(json_text(results))
                 print(f"{title:30s} NFE {nfe:5d}: FID {report.fid:8.2f}  ({report.seconds_per_image * 1000:.1f} ms/image)",
                       flush=True)

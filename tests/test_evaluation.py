@@ -144,6 +144,25 @@ def test_table_writes_markdown_csv_plot_and_resumes(tiny_cond, tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["cells"] == json.loads(before)["cells"]
 
 
+def test_table_remakes_cells_made_with_other_sampler_defaults(tiny_cond, tmp_path, monkeypatch):
+    """A cell is reused only if it was made with the same resolved sampler setting: when a sampler's
+    registry defaults change, a resumed table remakes its cells instead of showing stale figures."""
+    from schedulers import registry
+
+    out = tmp_path / "table"
+    rows = [r for r in ROWS if r[1] == "langevin"][:1]
+    first = run(tiny_cond, 20, out, nfes=(6,), rows=rows, batch_size=20)
+    cell = first["cells"][f"{rows[0][0]}|6"]
+    assert cell["setting"]["params"]["delta"] == registry.get_spec("langevin").defaults()["delta"]
+    spec = registry.get_spec("langevin")
+    changed = dict(spec.defaults(), delta=spec.defaults()["delta"] / 2)
+    monkeypatch.setattr(type(spec), "defaults", lambda self: dict(changed) if self.name == "langevin" else
+                        {p.name: p.default for p in self.params})
+    second = run(tiny_cond, 20, out, nfes=(6,), rows=rows, batch_size=20)
+    remade = second["cells"][f"{rows[0][0]}|6"]
+    assert remade["setting"]["params"]["delta"] == changed["delta"] and remade["fid"] != cell["fid"]
+
+
 def test_table_is_and_nll_columns_resume_tables_made_before_them(tiny_cond, tmp_path):
     """A table whose cells predate IS resumes unchanged for FID; asking for IS recomputes just those cells."""
     out = tmp_path / "table"
