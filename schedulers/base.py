@@ -294,6 +294,24 @@ class VEStateMixin(DDPMScheduleMixin):
         self.sigmas = torch.zeros(0, dtype=torch.float64)
         self._labels64 = torch.zeros(0, dtype=torch.float64)
 
+    def _sigma_range(self) -> tuple[float, float]:
+        """(σ_max, σ_min) of the run: the config's, else the network's range (σ_max capped at
+        ``sigma_max_cap``); refused outside the network's noise range."""
+        sigma_max = self.config.sigma_max or min(self.schedule.sigma_max, self.config.sigma_max_cap)
+        sigma_min = self.config.sigma_min or self.schedule.sigma_min
+        lo, hi = self.schedule.sigma_min, self.schedule.sigma_max
+        if not (lo * (1 - 1e-6) <= sigma_min < sigma_max <= hi * (1 + 1e-6)):
+            raise ValueError(f"need {lo:.4g} ≤ sigma_min < sigma_max ≤ {hi:.4g} (the network's noise range), "
+                             f"got sigma_min={sigma_min:.4g}, sigma_max={sigma_max:.4g}")
+        return sigma_max, sigma_min
+
+    def _sigma_levels(self, n: int) -> torch.Tensor:
+        """n noise levels σ_max = σ_0 > … > σ_{n−1} = σ_min on the config's ``time_grid`` (float64)."""
+        sigma_max, sigma_min = self._sigma_range()
+        if n == 1:
+            return torch.tensor([sigma_max], dtype=torch.float64)
+        return self.schedule.sigma_grid(self.config.time_grid, sigma_max, sigma_min, n)
+
     def _set_levels(self, sigmas: torch.Tensor, device) -> None:
         """``sigmas`` (float64, one per entry) and the labels a network sees them at become ``timesteps``."""
         self.sigmas = sigmas

@@ -111,15 +111,6 @@ class AnnealedLangevinScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin
         self.step_sizes = torch.zeros(0)
         self.init_noise_sigma = float(self._sigma_range()[0])
 
-    def _sigma_range(self) -> tuple[float, float]:
-        sigma_max = self.config.sigma_max or min(self.schedule.sigma_max, self.config.sigma_max_cap)
-        sigma_min = self.config.sigma_min or self.schedule.sigma_min
-        lo, hi = self.schedule.sigma_min, self.schedule.sigma_max
-        if not (lo * (1 - 1e-6) <= sigma_min < sigma_max <= hi * (1 + 1e-6)):
-            raise ValueError(f"need {lo:.4g} ≤ sigma_min < sigma_max ≤ {hi:.4g} (the network's noise range), "
-                             f"got sigma_min={sigma_min:.4g}, sigma_max={sigma_max:.4g}")
-        return sigma_max, sigma_min
-
     @property
     def delta(self) -> float:
         """δ = step_size_i/σ_i²: ``delta``, or ε/σ_L² when ``step_size`` (ε) is given.
@@ -154,10 +145,9 @@ class AnnealedLangevinScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin
         self._check_num_inference_steps(num_inference_steps, minimum=2, what="num_inference_steps (noise levels)")
         K = self.config.steps_per_level
         self._check_num_inference_steps(K, minimum=1, what="steps_per_level")
-        sigma_max, sigma_min = self._sigma_range()
         delta = self.delta
         self.num_inference_steps = num_inference_steps
-        sigma_levels = self.schedule.sigma_grid(self.config.time_grid, sigma_max, sigma_min, num_inference_steps)  # σ_1 > … > σ_L
+        sigma_levels = self._sigma_levels(num_inference_steps)  # σ_1 > … > σ_L
         step_size_levels = delta * sigma_levels**2  # step_size_i = δ σ_i² (= ε σ_i²/σ_L²)
         sigmas = sigma_levels.repeat_interleave(K)
         step_sizes = step_size_levels.repeat_interleave(K)
@@ -166,7 +156,7 @@ class AnnealedLangevinScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin
             step_sizes = torch.cat([step_sizes, sigma_levels[-1:] ** 2])  # x̃ + σ_L² ∇log p: Tweedie
         self.step_sizes = step_sizes
         self._set_levels(sigmas, device)
-        self.init_noise_sigma = float(sigma_max)
+        self.init_noise_sigma = float(sigma_levels[0])
 
     def step(
         self,

@@ -101,24 +101,11 @@ class EDMStochasticScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin, V
         self._stage, self._step_of = [], []
         self._start = None  # (entry, x̂_i, d_i) of the current step's first stage
 
-    def _sigma_range(self) -> tuple[float, float]:
-        sigma_max = self.config.sigma_max or min(self.schedule.sigma_max, self.config.sigma_max_cap)
-        sigma_min = self.config.sigma_min or self.schedule.sigma_min
-        lo, hi = self.schedule.sigma_min, self.schedule.sigma_max
-        if not (lo * (1 - 1e-6) <= sigma_min < sigma_max <= hi * (1 + 1e-6)):
-            raise ValueError(f"need {lo:.4g} ≤ sigma_min < sigma_max ≤ {hi:.4g} (the network's noise range), "
-                             f"got sigma_min={sigma_min:.4g}, sigma_max={sigma_max:.4g}")
-        return sigma_max, sigma_min
-
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device] = None):
         """N = ``num_inference_steps`` Heun steps: 2N − 1 entries t̂_0, t_1, t̂_1, …, t̂_{N−1}."""
         self._check_num_inference_steps(num_inference_steps)
         N = num_inference_steps
-        sigma_max, sigma_min = self._sigma_range()
-        if N == 1:
-            levels = torch.tensor([sigma_max], dtype=torch.float64)
-        else:
-            levels = self.schedule.sigma_grid(self.config.time_grid, sigma_max, sigma_min, N)
+        levels = self._sigma_levels(N)
         t_steps = torch.cat([levels, levels.new_zeros(1)])  # t_0 > … > t_{N−1} > t_N = 0
         c = self.config
         churn = min(c.s_churn / N, math.sqrt(2.0) - 1.0)
