@@ -287,8 +287,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
                 _time_grid("log_snr"),
             ),
             divergence_hint="lower the Langevin step size δ (delta), or ε (step_size) if you set it",
-            min_steps=2, variants=(("Annealed Langevin", {}), ("Annealed Langevin, Karras grid", {"time_grid": "karras"}),),
-            presets=(("fast: 100 levels, K = 1, δ = 0.2 (101 NFE)", 100, {"steps_per_level": 1, "delta": 0.2}),
+            min_steps=2, variants=(("Annealed Langevin", {}), ("Annealed Langevin, δ = 0.5", {"delta": 0.5}), ("Annealed Langevin, Karras grid", {"time_grid": "karras"}),),
+            # fast: measured on both bundled models, δ = 0.5 gives digits at 100 NFE where δ ≤ 0.2 leaves noise or scribbles
+            presets=(("fast: 33 levels, K = 3, δ = 0.5 (100 NFE)", 33, {"steps_per_level": 3, "delta": 0.5}),
                      ("paper: NCSNv2 (Song & Ermon 2020), CIFAR-10: L = 232, K = 5, δ = 0.062 (1161 NFE)", 232,
                       {"steps_per_level": 5, "delta": 0.062})),
         ),
