@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SECTIONS = ("startup", "page", "preview", "overhead", "threads", "memory", "load")
+APP_ARGS: list = []  # --device/--dtype for every ``python app.py`` this benchmark starts (set by main)
 
 
 def free_port() -> int:
@@ -60,7 +61,7 @@ class Server:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_TEMP_DIR": str(self.temp / "gradio"),
                     "GRADIO_ANALYTICS_ENABLED": "0", **(env or {})}
         self.start = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "app.py", "--port", str(self.port)], cwd=ROOT, env=full_env,
+        self.proc = subprocess.Popen([sys.executable, "app.py", "--port", str(self.port), *APP_ARGS], cwd=ROOT, env=full_env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list = []
         threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True).start()
@@ -413,9 +414,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--requests", type=int, default=200, help="requests of the memory section")
     parser.add_argument("--json", default=None, help="also write the figures here")
+    from pipelines.device import add_device_arguments, describe, device_from_args
+
+    add_device_arguments(parser)
     args = parser.parse_args()
+    device, dtype = device_from_args(args)
+    APP_ARGS[:] = ["--device", str(device), "--dtype", str(dtype).replace("torch.", "")]
+    from ui import service
+
+    service.CACHE.configure(device, dtype)  # the in-process sections (overhead, threads)
+    print(f"device: {describe(device, dtype)}", flush=True)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
-    results = {}
+    results = {"device": describe(device, dtype)}
     if "startup" in only:
         print("startup", flush=True)
         results["startup"] = bench_startup(args.runs)

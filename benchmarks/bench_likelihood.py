@@ -13,7 +13,8 @@
     digits against the number of terms evaluated: stride 1 (all T = 1000), then strides in
     ``rescale`` mode (an unbiased estimate of the same bound; its difference from stride 1 is
     noise, paired over images) and ``respace`` mode (the bound of a shorter chain: looser).
-Wall times are for this machine's CPU threads (``--threads``); they vary with other load.
+Wall times are for the device printed first (``--device``, default auto; CPU threads: ``--threads``);
+they vary with other load.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ import torch
 
 from evaluation.likelihood import held_out_images, json_text, ode_likelihood, variational_bound
 from pipelines import SamplerPipeline
+from pipelines.device import add_device_arguments, describe, device_from_args
+
+DEVICE = {"device": "cpu", "torch_dtype": None}  # set by main() from --device/--dtype
 
 CHECKPOINTS = ("checkpoints/mnist-ddpm-cond", "checkpoints/mnist-ncsn")
 
@@ -34,7 +38,7 @@ CHECKPOINTS = ("checkpoints/mnist-ddpm-cond", "checkpoints/mnist-ncsn")
 def ode_table(checkpoints, num_images: int, rtol: float, seed: int) -> list[dict]:
     rows = []
     for ck in checkpoints:
-        pipe = SamplerPipeline.from_pretrained(ck)
+        pipe = SamplerPipeline.from_pretrained(ck, **DEVICE)
         images, _ = held_out_images(pipe, num_images)
         nfes, seconds, bpd = [], [], []
         for i in range(num_images):  # each image alone: its own step sizes
@@ -52,7 +56,7 @@ def ode_table(checkpoints, num_images: int, rtol: float, seed: int) -> list[dict
 
 
 def bound_table(checkpoint: str, num_images: int, strides, seed: int) -> list[dict]:
-    pipe = SamplerPipeline.from_pretrained(checkpoint)
+    pipe = SamplerPipeline.from_pretrained(checkpoint, **DEVICE)
     images, _ = held_out_images(pipe, num_images)
     full = variational_bound(pipe, images, seed=seed)
     rows = [{"mode": "all T", "stride": 1, "evaluations": full.settings["network_evaluations_per_image"],
@@ -115,8 +119,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    add_device_arguments(p)
     args = p.parse_args(argv)
+    device, dtype = device_from_args(args)
+    DEVICE.update(device=device, torch_dtype=dtype)
     torch.set_num_threads(args.threads)
+    print(f"device: {describe(device, dtype)}", flush=True)
     if args.quick:
         args.ode_images, args.bound_images = 2, 8
     start = time.time()

@@ -34,6 +34,7 @@ import torch
 from diffusers import UNet2DModel
 
 from pipelines.analytic import GaussianMixtureNet
+from pipelines.device import add_device_arguments, describe, device_from_args
 from pipelines.sampling import SamplerPipeline
 from schedulers.parametrization import ModelFamily
 from schedulers.registry import SAMPLERS, steps_for_nfe
@@ -83,22 +84,36 @@ class _Bare(torch.nn.Module):
         return SimpleNamespace(sample=x * 0.5)
 
 
-def overhead_table(repeats: int, nfe_target: int = 30) -> list[tuple]:
-    """Per sampler: (name, NFE, median ratio, min, max, loop ms per NFE without a network, forward ms)."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def overhead_table(repeats: int, nfe_target: int = 30, device=torch.device("cpu"),
+                   dtype=torch.float32) -> list[tuple]:
+    """Per sampler: (name, NFE, median ratio, min, max, loop ms per NFE without a network, forward ms).
+
+    The network runs on ``device`` in ``dtype`` (the sampler state stays float32); forward passes are
+    timed up to a device synchronisation, as the pipeline's loop is (its finiteness check reads the state).
+    """
     torch.manual_seed(0)
     unet = UNet2DModel(**unet_config("cpu-small", None, resolution=32, channels=1, objective="ddpm",
-                                     num_class_embeds=None)).eval().requires_grad_(False)
+                                     num_class_embeds=None)).eval().requires_grad_(False).to(device=device, dtype=dtype)
     pipe = SamplerPipeline(unet, ModelFamily(kind="vp"))
     bare = SamplerPipeline(_Bare(), ModelFamily(kind="vp"), sample_shape=(1, 32, 32))
-    x = torch.randn(16, 1, 32, 32)
-    t = torch.tensor(500.0)
+    x = torch.randn(16, 1, 32, 32).to(device=device, dtype=dtype)
+    t = torch.tensor(500.0, device=device)
 
     def forwards(n: int) -> float:
         """Wall time of n back-to-back forward passes: the loop's ideal cost."""
         with torch.no_grad():
+            _sync(device)
             start = time.perf_counter()
             for _ in range(n):
                 unet(x, t)
+            _sync(device)
             return time.perf_counter() - start
 
     forwards(5)  # warm-up
@@ -181,14 +196,18 @@ def main() -> None:
     parser.add_argument("--families", default="vp,ve", help="vp, ve or both (comma-separated)")
     parser.add_argument("--nfes", default=",".join(map(str, NFES)), help="NFE targets (comma-separated)")
     parser.add_argument("--samples", type=int, default=None, help="samples per cell (default 2000; 1000 with --quick)")
+    add_device_arguments(parser)
     args = parser.parse_args()
+    device, dtype = device_from_args(args)
+    print(f"device: {describe(device, dtype)} (overhead table; the accuracy table's exact-score network runs in "
+          "float64 on the CPU)\n", flush=True)
     repeats = 3 if args.quick else 9
     if args.only != "accuracy":
-        print(f"## Loop overhead (cpu-small UNet2DModel, batch 16, {torch.get_num_threads()} threads, median of {repeats})\n")
+        print(f"## Loop overhead (cpu-small UNet2DModel, batch 16, {describe(device, dtype)}, median of {repeats})\n")
         print("| sampler | NFE | loop time / (NFE × forward) | min | max | loop alone, ms per NFE | forward, ms | "
               "1 + loop alone / forward |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for name, nfe, med, lo, hi, loop_ms, fwd_ms in overhead_table(repeats):
+        for name, nfe, med, lo, hi, loop_ms, fwd_ms in overhead_table(repeats, device=device, dtype=dtype):
             print(f"| {name} | {nfe} | {med:.3f} | {lo:.3f} | {hi:.3f} | {loop_ms:.2f} | {fwd_ms:.1f} | "
                   f"{1 + loop_ms / fwd_ms:.4f} |", flush=True)
     if args.only == "overhead":

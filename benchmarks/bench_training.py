@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines.device import DeviceError, describe, resolve_device
 from training import train
 from data.sources import load_mnist_5k
 from training.presets import unet_config
@@ -47,7 +48,7 @@ def example_dataset():
     return ds
 
 
-def baseline_steps(num_steps: int, warmup: int) -> float:
+def baseline_steps(num_steps: int, warmup: int, device: str = "auto") -> float:
     """The diffusers example's loop; returns images/s over the steps after ``warmup``."""
     from accelerate import Accelerator
     from diffusers import DDPMScheduler, UNet2DModel
@@ -55,7 +56,7 @@ def baseline_steps(num_steps: int, warmup: int) -> float:
     from diffusers.training_utils import EMAModel
 
     torch.manual_seed(0)
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=device == "cpu")
     model = UNet2DModel(**unet_config("cpu-small", None, resolution=32, channels=1, objective="ddpm", num_class_embeds=None))
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
@@ -90,14 +91,14 @@ def baseline_steps(num_steps: int, warmup: int) -> float:
     return (num_steps - warmup) * BATCH / (time.perf_counter() - start)
 
 
-def ours_steps(num_steps: int, warmup: int) -> float:
+def ours_steps(num_steps: int, warmup: int, device: str = "auto") -> float:
     """``training/train.py`` itself: total time of a (warmup + n)-step run minus a warmup-step run."""
     def run(steps):
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
             train.main(["--output_dir", out, "--objective", "ddpm", "--no-class_conditional", "--max_train_steps", str(steps),
                         "--checkpointing_steps", "0", "--save_images_steps", "0", "--report_to", "none", "--no_progress",
-                        "--train_batch_size", str(BATCH), "--lr_warmup_steps", "500"])
+                        "--train_batch_size", str(BATCH), "--lr_warmup_steps", "500", "--device", device])
             return time.perf_counter() - start
 
     short, full = run(warmup), run(num_steps)
@@ -128,11 +129,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30, help="measured steps per run")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda or mps: both loops")
     args = parser.parse_args()
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"device: {describe(device)} (both loops, float32)", flush=True)
     base, ours = [], []
     for r in range(args.rounds):
-        base.append(baseline_steps(args.warmup + args.steps, args.warmup))
-        ours.append(ours_steps(args.warmup + args.steps, args.warmup))
+        base.append(baseline_steps(args.warmup + args.steps, args.warmup, args.device))
+        ours.append(ours_steps(args.warmup + args.steps, args.warmup, args.device))
         print(f"round {r + 1}: example-style loop {base[-1]:.1f} img/s, train.py {ours[-1]:.1f} img/s", flush=True)
     theirs_ms, ours_ms = data_cost()
     b, o = statistics.median(base), statistics.median(ours)
@@ -140,7 +147,7 @@ def main() -> None:
     print("|---|---:|---:|")
     print(f"| diffusers-example style (per-step transforms) | {b:.1f} | {theirs_ms:.1f} |")
     print(f"| training/train.py (decoded once) | {o:.1f} | {ours_ms:.2f} |")
-    print(f"\nspeed-up: {o / b:.2f}× (threads: {torch.get_num_threads()})")
+    print(f"\nspeed-up: {o / b:.2f}× on {describe(device)}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python -m evaluation.evaluate --checkpoint checkpoints/mnist-ddpm-cond --sampler ddim --steps 50 \\
         --num_samples 1000 --guidance_scale 3 --class_conditional
     accelerate launch -m evaluation.evaluate ...      # sample generation spread over processes
+    python -m evaluation.evaluate ... --device cuda --dtype bfloat16   # where the network runs (default auto)
 
 Prints classifier-FID, KID, precision/recall (k = 3), the classifier Inception Score, the class
 histogram and, for class-conditional runs, the classifier's accuracy on the requested digits — each
@@ -247,6 +248,7 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
 
     from pipelines import SamplerPipeline
+    from pipelines.device import add_device_arguments, describe, device_from_args
     from schedulers.registry import SAMPLERS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -272,7 +274,9 @@ def main(argv=None) -> int:
     p.add_argument("--nll_rtol", type=float, default=1e-5, help="ODE: rtol = atol of RK45")
     p.add_argument("--nll_probes", type=int, default=1, help="ODE: Rademacher probes per image")
     p.add_argument("--json", default=None, help="also write the report here")
+    add_device_arguments(p)
     args = p.parse_args(argv)
+    device, dtype = device_from_args(args)
 
     try:
         params = json.loads(args.params)
@@ -280,8 +284,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"--params must be a JSON object such as '{{\"eta\": 0.5}}', got {args.params!r} ({err})") from None
     if not isinstance(params, dict):
         raise SystemExit(f"--params must be a JSON object such as '{{\"eta\": 0.5}}', got {args.params!r}")
-    accelerator = Accelerator()
-    pipe = SamplerPipeline.from_pretrained(args.checkpoint, device=accelerator.device)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    if accelerator.num_processes > 1:  # accelerate launch: one device per process
+        device = accelerator.device
+    pipe = SamplerPipeline.from_pretrained(args.checkpoint, device=device, torch_dtype=dtype)
+    if accelerator.is_main_process:
+        print(f"device: {describe(device, dtype)} × {accelerator.num_processes} process(es)", flush=True)
     steps = args.steps or SAMPLERS[args.sampler].default_steps
     images, labels, nfe, seconds = sample_images(pipe, args.sampler, steps, args.num_samples, args.batch_size, args.seed,
                                                  params, args.class_conditional, args.guidance_scale, accelerator)

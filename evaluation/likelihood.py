@@ -760,6 +760,7 @@ def likelihoods(pipe, images: torch.Tensor, method: str = "both", labels=None, *
 
 def main(argv=None) -> int:
     from pipelines import SamplerPipeline
+    from pipelines.device import add_device_arguments, describe, device_from_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -775,8 +776,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class_conditional", action="store_true", help="log p(x | y) with the digits' own labels")
     p.add_argument("--json", default=None, help="write the results here")
+    add_device_arguments(p)
     args = p.parse_args(argv)
-    pipe = SamplerPipeline.from_pretrained(args.checkpoint)
+    device, dtype = device_from_args(args)
+    pipe = SamplerPipeline.from_pretrained(args.checkpoint, device=device, torch_dtype=dtype)
+    print(f"device: {describe(device, dtype)}", flush=True)
     images, digit_labels = held_out_images(pipe, args.num_images)
     labels = digit_labels if args.class_conditional else None
     try:

@@ -81,8 +81,11 @@ def _read_results(store: Path) -> dict:
 
 def run(checkpoint: str, num_samples: int, out: Path, nfes=NFES, rows=ROWS, seed: int = 0, class_conditional=False,
         guidance_scale: float = 1.0, batch_size: int = 250, accelerator=None, metrics=("fid",), nll: Optional[str] = None,
-        nll_options: Optional[dict] = None) -> dict:
+        nll_options: Optional[dict] = None, device=None, dtype=None) -> dict:
     """Fill (or resume) the table; returns the results dict that is also saved as JSON.
+
+    ``device``/``dtype``: where the network runs and in which precision (default: the accelerator's
+    device, or the CPU, in float32; see ``pipelines/device.py``).
 
     ``metrics`` choose what the cells show (all statistics are stored either way); ``nll`` adds
     ``results["likelihood"]`` (evaluation.likelihood.likelihoods on ``nll_options["num_images"]``
@@ -95,7 +98,9 @@ def run(checkpoint: str, num_samples: int, out: Path, nfes=NFES, rows=ROWS, seed
     out.parent.mkdir(parents=True, exist_ok=True)
     store = out.with_suffix(".json")
     results = _read_results(store)
-    pipe = SamplerPipeline.from_pretrained(checkpoint, device=accelerator.device if accelerator else "cpu")
+    if device is None or (accelerator is not None and accelerator.num_processes > 1):
+        device = accelerator.device if accelerator else "cpu"
+    pipe = SamplerPipeline.from_pretrained(checkpoint, device=device, torch_dtype=dtype)
     # the weights' digest, so a cached table is never resumed on a checkpoint retrained in place
     meta = {"checkpoint": checkpoint, "weights_sha256": weights_digest(pipe.unet), "num_samples": num_samples,
             "seed": seed, "class_conditional": class_conditional, "guidance_scale": guidance_scale}
@@ -223,6 +228,8 @@ def write_outputs(results: dict, out: Path, nfes=NFES, rows=ROWS, metrics=("fid"
 def main(argv=None) -> int:
     from accelerate import Accelerator
 
+    from pipelines.device import add_device_arguments, describe, device_from_args
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--num_samples", type=int, default=500)
@@ -239,16 +246,22 @@ def main(argv=None) -> int:
     p.add_argument("--nll_images", type=int, default=100)
     p.add_argument("--nll_stride", type=int, default=1)
     p.add_argument("--nll_rtol", type=float, default=1e-5)
+    add_device_arguments(p)
     args = p.parse_args(argv)
+    device, dtype = device_from_args(args)
     rows = ROWS
     if args.samplers:
         wanted = {s.strip() for s in args.samplers.split(",")}
         rows = [r for r in ROWS if r[0] in wanted or r[1] in wanted]
     start = time.time()
     metrics = tuple(m.strip() for m in args.metrics.split(","))
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    if accelerator.is_main_process:
+        print(f"device: {describe(accelerator.device if accelerator.num_processes > 1 else device, dtype)} "
+              f"× {accelerator.num_processes} process(es)", flush=True)
     run(args.checkpoint, args.num_samples, Path(args.out), tuple(int(n) for n in args.nfe.split(",")), rows, args.seed,
-        args.class_conditional, args.guidance_scale, args.batch_size, Accelerator(), metrics, args.nll,
-        {"num_images": args.nll_images, "stride": args.nll_stride, "rtol": args.nll_rtol})
+        args.class_conditional, args.guidance_scale, args.batch_size, accelerator, metrics, args.nll,
+        {"num_images": args.nll_images, "stride": args.nll_stride, "rtol": args.nll_rtol}, device=device, dtype=dtype)
     print(f"done in {time.time() - start:.0f} s; wrote {args.out}.md/.csv/.png/.json")
     return 0
 

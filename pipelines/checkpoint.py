@@ -63,6 +63,9 @@ class CheckpointInfo:
         sample_size, in_channels: resolution and channels the denoiser takes (latents for a latent checkpoint).
         unet_config: the raw config of the denoiser (``unet/`` or ``transformer/``).
         training_args: ``training_args.json`` if the checkpoint was made by ``training/train.py``.
+        notes: every option of the published scheduler config that this lab does not apply as saved,
+            each with what it does instead and how to match it (:func:`scheduler_notes`); the app shows
+            them with the checkpoint.
         unet_path: the denoiser's folder.
         denoiser_class: ``UNet2DModel`` or ``DiTTransformer2DModel``.
         decoder: the decoder of a latent checkpoint, else None.
@@ -80,6 +83,7 @@ class CheckpointInfo:
     unet_path: Optional[Path] = None  # the folder with the denoiser's config.json and weights
     denoiser_class: str = "UNet2DModel"
     decoder: Optional[DecoderInfo] = None
+    notes: list = field(default_factory=list)  # published scheduler options this lab does not apply, and why
 
     @property
     def is_latent(self) -> bool:
@@ -215,6 +219,87 @@ def family_from_configs(scheduler_config: dict, unet_config: dict, latent: bool 
     return family, sampler_config
 
 
+# Options of a scheduler config that decide the trained schedule itself: always applied.
+VP_APPLIED = frozenset(DDPM_SCHEDULE_KEYS) | {"prediction_type", "timesteps"}
+# diffusers' defaults of options that change sampling: a config that states these values changes nothing here.
+VP_DIFFUSERS_DEFAULTS = {"clip_sample_range": 1.0, "sample_max_value": 1.0, "thresholding": False,
+                         "dynamic_thresholding_ratio": 0.995, "steps_offset": 0, "rescale_betas_zero_snr": False,
+                         "set_alpha_to_one": True, "variance_type": "fixed_small"}
+VE_APPLIED = frozenset({"sigma_min", "sigma_max", "num_train_timesteps"})  # a continuous-time network: T is not its schedule
+
+
+def _fmt(value) -> str:
+    return json.dumps(value) if isinstance(value, (bool, str)) or value is None else f"{value:g}" if isinstance(
+        value, float) else str(value)
+
+
+def scheduler_notes(scheduler_config: dict, family: ModelFamily) -> list[str]:
+    """What this lab does with each option of a checkpoint's scheduler config that it does not apply as saved.
+
+    Every sampler here is configured from the trained schedule alone (β's and T for VP, σ_min/σ_max for VE)
+    plus its own registry parameters, so options that belong to one diffusers sampler (``clip_sample``,
+    ``timestep_spacing``, ``steps_offset``, ``variance_type``, ``snr``, ``correct_steps``, ``sampling_eps``…)
+    are either equal to what the lab does (no note) or named here with what happens instead and how
+    to match them. Nothing is dropped without a note.
+    """
+    from schedulers.registry import SAMPLERS  # the samplers' own defaults (registry is read, never changed)
+
+    notes = []
+    cls = scheduler_config.get("_class_name", "DDPMScheduler")
+    for key, value in scheduler_config.items():
+        if key.startswith("_"):
+            continue
+        shown = f"{key} = {_fmt(value)}"
+        if family.kind == "ve":
+            if key in VE_APPLIED:
+                continue
+            if key in ("snr", "correct_steps"):
+                pc = SAMPLERS["pc"].defaults()
+                ours = pc["snr"] if key == "snr" else pc["corrector_steps"]
+                if value is None or float(value) == float(ours):
+                    continue
+                param = "snr" if key == "snr" else "corrector_steps"
+                notes.append(f"{shown} (diffusers' ScoreSdeVePipeline): not a default here; the `pc` sampler uses "
+                             f"{param} = {_fmt(ours)}: set {param}={_fmt(value)} on `pc` to sample as published")
+            elif key == "sampling_eps":
+                # diffusers' VE-SDE ends at σ(t_ε) = σ_min (σ_max/σ_min)^t_ε; every sampler here ends at σ_min
+                end = family.sigma_min * (family.sigma_max / family.sigma_min) ** float(value or 0.0)
+                if end <= 1.01 * family.sigma_min:
+                    continue
+                notes.append(f"{shown}: diffusers' VE sampler stops at σ = {end:.3g}; the samplers here go down to "
+                             f"σ_min = {family.sigma_min:g} (set sigma_min on `langevin`, sampling_eps on the SDE "
+                             "samplers to stop earlier)")
+            else:
+                notes.append(f"{shown}: an option of diffusers' {cls}; not used by this lab's samplers")
+            continue
+        if key in VP_APPLIED:
+            continue
+        if key == "clip_sample":
+            if bool(value) == family.clip_denoised:
+                continue
+            notes.append(f"{shown}: the samplers here {'clip' if family.clip_denoised else 'never clip'} x̂₀ "
+                         f"by default ({'pixels in [-1, 1]' if family.clip_denoised else 'latents'}); "
+                         f"set clip_sample={value} (thresholding for dpmsolver++) on a sampler to match")
+        elif key in VP_DIFFUSERS_DEFAULTS:
+            if value == VP_DIFFUSERS_DEFAULTS[key] or (key == "variance_type" and value is None):
+                continue
+            what = {"variance_type": "the `ddpm` sampler uses fixed_small (σ_t² = β̃_t)"
+                                     + ("; the network's variance channels are dropped" if "learned" in str(value) else ""),
+                    "steps_offset": "no sampler here offsets its timesteps",
+                    "set_alpha_to_one": "DDIM's last step here goes to ᾱ = 1 (a clean image)",
+                    "rescale_betas_zero_snr": "the betas are used as saved, without zero-terminal-SNR rescaling: "
+                                              "samples may differ from the authors'",
+                    }.get(key, "it serves diffusers' own DDPM/DDIM step (which keeps the unclipped ε̂); the samplers "
+                               "here clip x̂₀ to [-1, 1] and re-derive ε̂ (each sampler's clip_sample/thresholding)")
+            notes.append(f"{shown}: not applied; {what}")
+        elif key == "timestep_spacing":
+            notes.append(f"{shown}: not applied; each sampler places its own steps (DDIM: leading, DDPM: linspace, "
+                         "the others: their time_grid parameter)")
+        else:
+            notes.append(f"{shown}: an option of diffusers' {cls}; not used by this lab's samplers")
+    return notes
+
+
 def _denoiser_folder(path: Path, index: dict, source: str) -> Path:
     """The folder of the denoiser: the component ``model_index.json`` names, else ``unet/`` or ``transformer/``."""
     named = [name for name in DENOISER_FOLDERS if name in index]
@@ -296,7 +381,7 @@ def inspect_checkpoint(source: str, allow_hub: bool = True, allowed_roots: Optio
         in_channels=in_channels, unet_config=unet_config,
         scheduler_class=scheduler_config.get("_class_name", "DDPMScheduler"),
         training_args=_read_json(args_file) if args_file.exists() else {}, unet_path=unet_dir,
-        denoiser_class=denoiser_class, decoder=decoder,
+        denoiser_class=denoiser_class, decoder=decoder, notes=scheduler_notes(scheduler_config, family),
     )
 
 

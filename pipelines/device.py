@@ -72,15 +72,51 @@ def resolve_dtype(name: Union[str, torch.dtype, None], device: torch.device) -> 
     return dtype
 
 
-def describe(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """'cuda (NVIDIA H200), float16 network' — for status lines and benchmark headers."""
+def _device_name(device: torch.device) -> str:
+    """'cuda (NVIDIA H200)'; just 'cuda' where the name cannot be read (e.g. outside a ZeroGPU call)."""
     name = device.type
     if device.type == "cuda":
-        name += f" ({torch.cuda.get_device_name(device)})"
-    elif device.type == "cpu":
+        try:
+            name += f" ({torch.cuda.get_device_name(device)})"
+        except Exception:  # noqa: BLE001 - a name is a nicety, never a failure
+            pass
+    return name
+
+
+def describe(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """'cuda (NVIDIA H200), float16 network' — for benchmark headers."""
+    name = _device_name(device)
+    if device.type == "cpu":
         name += f" ({torch.get_num_threads()} threads)"
     precision = str(dtype).replace("torch.", "")
     return f"{name}, {precision} network"
+
+
+def label(device: torch.device, dtype: Optional[torch.dtype] = torch.float32) -> str:
+    """A short label for status lines: 'cpu', 'cuda (NVIDIA H200)', 'mps, bfloat16' (the dtype only when not float32)."""
+    text = _device_name(torch.device(device))
+    if dtype is not None and dtype != torch.float32:
+        text += ", " + str(dtype).replace("torch.", "")
+    return text
+
+
+def add_device_arguments(parser, default: str = "auto"):
+    """``--device`` and ``--dtype`` on a script's argparse parser (the one device rule)."""
+    parser.add_argument("--device", default=default,
+                        help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps; "
+                             "SAMPLER_LAB_DEVICE overrides auto")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="precision of the network (the samplers always run in float32)")
+    return parser
+
+
+def device_from_args(args) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) from parsed ``--device``/``--dtype``; a device this machine lacks exits with the reason."""
+    try:
+        device = resolve_device(getattr(args, "device", "auto"))
+        return device, resolve_dtype(getattr(args, "dtype", "float32"), device)
+    except DeviceError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -91,12 +127,39 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
 
 
+def is_mps_unsupported(err: BaseException) -> bool:
+    """True for PyTorch's "operator … is not currently implemented for the MPS device" errors."""
+    return isinstance(err, (NotImplementedError, RuntimeError)) and "mps" in str(err).lower() and (
+        "not currently implemented" in str(err).lower() or "not implemented" in str(err).lower())
+
+
+MPS_UNSUPPORTED = ("an operation of this model is not implemented on Apple's MPS backend; start with "
+                   "PYTORCH_ENABLE_MPS_FALLBACK=1 (it runs on the CPU) or with --device cpu")
+
+
 def free_memory(device: torch.device) -> Optional[int]:
-    """Free bytes on a CUDA device (None elsewhere: the CPU's memory is not the limit this guards)."""
-    if device.type != "cuda":
+    """Free bytes on a CUDA device (``torch.cuda.mem_get_info``) or, on Apple's MPS, what the Metal driver
+    recommends minus what it holds; None on the CPU (its memory is not the limit this guards) or where
+    it cannot be read (e.g. a ZeroGPU Space outside a GPU call)."""
+    try:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free)
+        if device.type == "mps":
+            mps = torch.mps
+            return max(0, int(mps.recommended_max_memory()) - int(mps.driver_allocated_memory()))
+    except Exception:  # noqa: BLE001 - no reading: fall back to the fixed limits
         return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free)
+    return None
+
+
+def batch_limit(device: torch.device, bytes_per_image: Optional[int], cap: int, headroom: float = 0.8) -> int:
+    """The largest batch to allow on ``device``: ``cap`` on the CPU (unchanged), else what ``headroom`` of the
+    free memory holds at ``bytes_per_image`` (at least 1, at most ``cap``)."""
+    free = free_memory(torch.device(device))
+    if free is None or not bytes_per_image:
+        return cap
+    return max(1, min(cap, int(headroom * free // bytes_per_image)))
 
 
 def fitting_batch(batch_size: int, device: torch.device, bytes_per_image: Optional[int] = None) -> int:
@@ -110,7 +173,10 @@ def fitting_batch(batch_size: int, device: torch.device, bytes_per_image: Option
 def out_of_memory_message(batch_size: int, device: torch.device, bytes_per_image: Optional[int] = None) -> str:
     """What to tell a user whose batch did not fit."""
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001 - a simulated device, or a driver that already gave up
+            pass
     fit = fitting_batch(batch_size, device, bytes_per_image)
     return (f"out of memory on {device.type}: a batch of {batch_size} did not fit; try a batch size of {fit} or less "
             "(or --dtype float16/bfloat16 for the network)")

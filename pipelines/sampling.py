@@ -36,6 +36,47 @@ from .checkpoint import CheckpointInfo, inspect_checkpoint, load_decoder, load_u
 from .device import is_out_of_memory, out_of_memory_message, resolve_device, resolve_dtype
 
 
+def estimate_bytes_per_image(unet, sample_shape: Sequence[int], guided: bool = False) -> int:
+    """A rough upper estimate of the device memory one image of a batch takes while sampling (no gradients).
+
+    For a ``UNet2DModel``: every skip connection kept for the up path (``layers_per_block + 1`` feature maps
+    per level), a few working copies of the widest map, and the attention matrices (heads × tokens²), in
+    the network's precision; plus the float32 sampler state (a few copies of the sample, for multistep
+    solvers). Guided sampling evaluates the network on two copies of each image. Used to turn free device
+    memory into a batch limit; unmeasured on a GPU, so it errs high (see README, Hardware).
+    """
+    cfg = getattr(unet, "config", None)
+    try:
+        param = next(unet.parameters())
+        elem = param.element_size()
+    except (AttributeError, StopIteration):
+        elem = 4
+    c, h, w = (list(sample_shape) + [1, 1, 1])[:3]
+    state = 8 * c * h * w * 4  # x, x̂₀, ε̂, noise and a multistep history, float32
+    channels = list(getattr(cfg, "block_out_channels", None) or [])
+    if not channels:  # a transformer or an analytic network: activations of a few hundred channels per pixel
+        width = int(getattr(cfg, "num_attention_heads", 8) or 8) * int(getattr(cfg, "attention_head_dim", 64) or 64)
+        patch = int(getattr(cfg, "patch_size", 1) or 1)
+        tokens = max(1, (h // patch) * (w // patch))
+        layers = int(getattr(cfg, "num_layers", 12) or 12)
+        activations = 12 * tokens * width + int(getattr(cfg, "num_attention_heads", 8) or 8) * tokens * tokens
+        return int((activations * elem * max(1, layers // 4) * (2 if guided else 1)) + state)
+    per_level = int(getattr(cfg, "layers_per_block", 2) or 2) + 1
+    down = list(getattr(cfg, "down_block_types", None) or [])
+    skips, widest, attention = 0, 0, 0
+    for i, ch in enumerate(channels):
+        side_h, side_w = max(1, h >> i), max(1, w >> i)
+        pixels = side_h * side_w
+        skips += per_level * ch * pixels
+        widest = max(widest, 2 * ch * pixels)  # the up path concatenates a skip: twice the channels
+        if i < len(down) and "Attn" in down[i]:
+            head_dim = getattr(cfg, "attention_head_dim", None) or ch
+            attention = max(attention, max(1, ch // head_dim) * pixels * pixels)
+    activations = skips + 6 * widest  # the skips, a resnet's working tensors and the concatenation
+    per_image = activations * elem + attention * 4  # softmax is upcast to float32
+    return int(per_image * (2 if guided else 1) + state)
+
+
 class SamplingDivergedError(RuntimeError):
     """The sample became non-finite; the message says at which step and what to lower."""
 
@@ -127,6 +168,17 @@ class SamplerPipeline:
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
         """Samples (or x̂₀ estimates) → images in [-1, 1]: decoded for a latent checkpoint, as they are otherwise."""
         return x if self.decoder is None else self.decoder.decode(x)
+
+    @property
+    def network_dtype(self) -> torch.dtype:
+        """The network's precision (the sampler state is always float32)."""
+        for tensor in self.unet.parameters() if hasattr(self.unet, "parameters") else ():
+            return tensor.dtype
+        return torch.float32
+
+    def bytes_per_image(self, guided: bool = False) -> int:
+        """Estimated device memory per image while sampling (see :func:`estimate_bytes_per_image`)."""
+        return estimate_bytes_per_image(self.unet, self.sample_shape, guided)
 
     @property
     def device(self) -> torch.device:
@@ -248,12 +300,14 @@ class SamplerPipeline:
                         x0_hat = net.x0_hat(epsilon_hat, x, t)
                     callback(i, n, x_prev, x0_hat)
                 x = x_prev
+            if output_type != "latent":
+                x = self.to_images(x)  # a decoder can run out of memory too
         except Exception as err:
             if is_out_of_memory(err):
-                raise SamplingOutOfMemoryError(out_of_memory_message(int(batch_size), device)) from err
+                guided = labels is not None and guidance_scale != 1.0
+                raise SamplingOutOfMemoryError(
+                    out_of_memory_message(int(batch_size), device, self.bytes_per_image(guided))) from err
             raise
-        if output_type != "latent":
-            x = self.to_images(x)
         seconds = time.perf_counter() - start
         if output_type in ("pt", "latent"):
             images = x

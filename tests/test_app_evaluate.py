@@ -15,7 +15,7 @@ from ui import evaluation_panel as ev
 from ui.errors import UserError
 from ui.models import BUNDLED
 
-DDPM, NCSN = (str(path) for path in BUNDLED.values())  # checkpoints/mnist-ddpm-cond, checkpoints/mnist-ncsn
+DDPM, NCSN = (str(next(p for p in BUNDLED.values() if p.name == name)) for name in ("mnist-ddpm-cond", "mnist-ncsn"))
 TINY = dict(num_samples=20, steps=4, nll_images=2)
 
 

@@ -107,7 +107,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--ema_inv_gamma", type=float, default=1.0)
     g.add_argument("--ema_power", type=float, default=3 / 4)
     g.add_argument("--ema_max_decay", type=float, default=0.9999)
-    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
+                   help="the training precision (what --dtype is for sampling); weights and optimizer stay float32")
+    g.add_argument("--device", default="auto",
+                   help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda or mps; under `accelerate launch` each "
+                        "process takes its own GPU")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", required=True)
@@ -136,6 +140,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--vae: --random_flip does not apply to cached latents (flip the data set instead)")
     if args.backbone == "dit" and args.objective != "ddpm":
         p.error("--backbone dit: DiT denoisers are trained with --objective ddpm")
+    from pipelines.device import DeviceError, resolve_device
+
+    try:
+        resolve_device(args.device)  # the one device rule: a device this machine lacks is refused here
+    except DeviceError as err:
+        p.error(str(err))
     return args
 
 
@@ -207,6 +217,7 @@ class Trainer:
                 report_to = None
         self.report_to = None if report_to in (None, "none") else report_to
         self.accelerator = Accelerator(
+            cpu=getattr(args, "device", "auto") == "cpu",  # auto/cuda/mps: accelerate's own choice, CUDA first
             gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
             log_with=self.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),

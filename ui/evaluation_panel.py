@@ -33,6 +33,7 @@ from schedulers.registry import SAMPLERS
 
 from .errors import UserError
 from .models import CACHE, DEFAULT_CHECKPOINT
+from .spaces_gpu import gpu
 from .requests import _number, make_request, work_budget
 
 log = logging.getLogger("sampler_lab")
@@ -215,6 +216,7 @@ def status_line(request: EvalRequest, result: PanelResult) -> str:
             f"done in {result.seconds:.1f} s{warn}.")
 
 
+@gpu  # the GPU call of a ZeroGPU Space (a no-op elsewhere)
 def evaluate_stream(request: EvalRequest, cancel: Optional[threading.Event] = None,
                     interval: float = 0.5) -> Iterator[PanelUpdate]:
     """Run ``request`` in a worker thread, yielding a status update at least every ``interval`` seconds and the

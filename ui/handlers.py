@@ -21,6 +21,7 @@ from schedulers.registry import SAMPLERS, get_spec, nfe_of
 
 from . import service
 from .errors import UserError
+from .spaces_gpu import gpu
 from .toy import toy_pipeline
 from .requests import ALL_DIGITS, UNCONDITIONAL, clean_params, default_steps, digit_choices
 
@@ -328,10 +329,15 @@ def quality(checkpoint, sampler, steps, *values):
     return image, caption
 
 
+@gpu  # the GPU call of a ZeroGPU Space (a no-op elsewhere)
+def _live_quality(checkpoint, sampler, steps, params) -> str:
+    return service.live_quality(checkpoint, sampler, steps, params, num_samples=32)
+
+
 def live_quality(checkpoint, sampler, steps, *values):
     try:
         params = _params(sampler, dict(zip(PARAM_NAMES, values)))
-        return service.live_quality(checkpoint, sampler, steps, params, num_samples=32)
+        return _live_quality(checkpoint, sampler, steps, params)
     except (UserError, ValueError) as err:
         raise gr.Error(str(err)) from err
 

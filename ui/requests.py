@@ -19,7 +19,7 @@ from typing import Optional, Union
 from schedulers.registry import LIMITS, SAMPLERS, get_spec, nfe_of, resolve_params, steps_for_nfe
 
 from .errors import UserError
-from .models import checkpoint_summary
+from .models import batch_limit, checkpoint_summary
 
 UNCONDITIONAL = "unconditional"
 ALL_DIGITS = "0–9"  # one image per digit in turn: the default on a class-conditional checkpoint
@@ -173,6 +173,12 @@ def make_request(checkpoint, sampler, steps=None, params=None, seed=0, batch_siz
     else:
         guidance_scale = _number(DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale, "guidance scale", 0,
                                  LIMITS.max_guidance)
+    guided = label is not None and guidance_scale != 1.0
+    fits = batch_limit(checkpoint, guided)  # the fixed limit on the CPU; the free memory's on a GPU
+    if batch_size > fits:
+        raise UserError(f"batch size: {batch_size} images do not fit in the accelerator's free memory now; this "
+                        f"checkpoint fits about {fits} at a time{' with guidance' if guided else ''}. Use a batch "
+                        f"size of {fits} or less.")
     return Request(checkpoint, sampler, steps, values, seed, batch_size, label, guidance_scale, nfe, clean)
 
 

@@ -22,12 +22,15 @@ import torch
 from PIL import Image
 
 from pipelines import SamplingCancelled, SamplingDivergedError, make_grid
+from pipelines.device import MPS_UNSUPPORTED, is_mps_unsupported, is_out_of_memory, out_of_memory_message
+from pipelines.device import label as device_label
 from schedulers.registry import SAMPLERS, get_spec, nfe_of
 
 from .errors import UserError
 from .models import CACHE, checkpoint_summary
 from .outputs import gallery_images, labelled_grid, preview_image, save_outputs, to_display
 from .requests import Request, make_request, parse_numbers, steps_for_budget, work_budget
+from .spaces_gpu import gpu
 from .trajectory import TRAJECTORIES, Trajectory, TrajectoryRecorder
 
 log = logging.getLogger("sampler_lab")
@@ -69,13 +72,27 @@ def _rate(images: int, seconds: float) -> str:
     return f"{seconds / images:.1f} s/image"
 
 
-def status_line(req: Request, nfe: int, seconds: float, decoder_calls: Optional[int] = None) -> str:
-    """The finished run's line; ``decoder_calls`` (latent checkpoints) is counted apart from NFE."""
+def status_line(req: Request, nfe: int, seconds: float, decoder_calls: Optional[int] = None,
+                device: Optional[str] = None) -> str:
+    """The finished run's line; ``decoder_calls`` (latent checkpoints) is counted apart from NFE; ``device``
+    names where it ran (``pipelines.device.label``: 'cpu', 'cuda (NVIDIA …)', with the network's dtype
+    when it is not float32)."""
     spec = get_spec(req.sampler)
     extra = f" · digit {req.digit}, w = {req.guidance_scale:g}" if req.class_label is not None else ""
     decodes = f" · {decoder_calls} decoder call{'s' * (decoder_calls != 1)} (batched)" if decoder_calls is not None else ""
+    where = f" · {device}" if device else ""
     return (f"✅ {spec.title} · NFE {nfe}{decodes} · {seconds:.2f} s · {_rate(req.batch_size, seconds)} · "
-            f"batch {req.batch_size} · seed {req.seed}{extra}")
+            f"batch {req.batch_size} · seed {req.seed}{extra}{where}")
+
+
+def _failure(err: Exception, pipe, req: Request) -> str:
+    """The message of a run that failed: out of memory names a batch that fits; anything else as it is."""
+    if is_out_of_memory(err):
+        guided = req.class_label is not None and req.guidance_scale != 1.0
+        return out_of_memory_message(req.batch_size, pipe.device, pipe.bytes_per_image(guided))
+    if is_mps_unsupported(err):
+        return MPS_UNSUPPORTED
+    return f"{type(err).__name__}: {err}"
 
 
 def progress_line(title: str, done: int, total: int, elapsed: float) -> str:
@@ -105,6 +122,7 @@ class Update:
     seconds: float = 0.0
     nfe: int = 0
     tensor: Optional[torch.Tensor] = field(default=None, repr=False)
+    trajectory: Optional[Trajectory] = field(default=None, repr=False)  # handed to TRAJECTORIES by generate()
 
 
 def _initial_state(pipe, req: Request, scheduler) -> torch.Tensor:
@@ -136,7 +154,27 @@ def generate(req: Request, previews: int = 24, cancel: Optional[threading.Event]
     passed, so a long run stays responsive; a ``"tick"`` update (status only) comes at least every
     ``interval`` seconds. The trajectory of image ``trajectory_image`` is stored (``None``: not
     recorded) and the final update carries its ``run_id``.
+
+    The sampling itself (:func:`run_on_device`) is the part a ZeroGPU Space runs on its GPU
+    (``ui.spaces_gpu``); the trajectory is stored here, in the server's own process.
     """
+    kwargs = {} if cancel is None else {"cancel": cancel}  # an Event cannot travel to ZeroGPU's worker
+    stream = run_on_device(req, previews, interval=interval, trajectory_image=trajectory_image, **kwargs)
+    try:
+        for upd in stream:
+            if upd.trajectory is not None:
+                upd.run_id = TRAJECTORIES.add(upd.trajectory) if len(upd.trajectory) else None
+                upd.trajectory = None
+            yield upd
+    finally:
+        stream.close()  # a consumer that stops early (Cancel, a closed page) stops the sampling too
+
+
+@gpu
+def run_on_device(req: Request, previews: int = 24, cancel: Optional[threading.Event] = None,
+                  interval: float = 0.4, trajectory_image: Optional[int] = 0) -> Iterator[Update]:
+    """:func:`generate`'s sampling: the same updates, the final one carrying the recorded trajectory
+    instead of a run id (the GPU call of a ZeroGPU Space)."""
     apply_threads()
     pipe = CACHE.get(req.checkpoint)
     title = get_spec(req.sampler).title
@@ -179,10 +217,10 @@ def generate(req: Request, previews: int = 24, cancel: Optional[threading.Event]
             events.put(("done", out, req.nfe))
         except SamplingCancelled:
             events.put(("cancelled", None, 0))
-        except (SamplingDivergedError, ValueError) as err:
+        except (SamplingDivergedError, ValueError) as err:  # SamplingOutOfMemoryError: a batch size that fits
             events.put(("error", str(err), 0))
         except Exception as err:  # keep the app alive whatever happens in the model
-            events.put(("error", f"{type(err).__name__}: {err}", 0))
+            events.put(("error", _failure(err, pipe, req), 0))
 
     start = time.perf_counter()
     worker = threading.Thread(target=work, daemon=True, name=f"sample-{req.sampler}")
@@ -204,14 +242,16 @@ def generate(req: Request, previews: int = 24, cancel: Optional[threading.Event]
                 yield Update(payload, None, progress_line(title, steps, req.nfe, elapsed), progress=steps / req.nfe)
             elif kind == "done":
                 finished = True
-                grid_file, gif_file = save_outputs(payload.images, frames, req.sampler)
+                images = payload.images.cpu()  # off the accelerator: files, gallery and the caller
+                grid_file, gif_file = save_outputs(images, frames, req.sampler)
                 if decode is not None and trajectory is not None and len(trajectory):
                     trajectory.decode(decode)  # every stored x̂₀ at once, not a decode per sampler step
-                run_id = TRAJECTORIES.add(trajectory) if trajectory is not None and len(trajectory) else None
                 decodes = None if decode is None else decode.calls + payload.decoder_calls
-                yield Update(last_frame[0], gallery_images(payload.images),
-                             status_line(req, payload.nfe, payload.seconds, decodes),
-                             grid_file, gif_file, 1.0, True, "done", run_id, payload.seconds, payload.nfe, payload.images)
+                yield Update(last_frame[0], gallery_images(images),
+                             status_line(req, payload.nfe, payload.seconds, decodes,
+                                         device_label(pipe.device, pipe.network_dtype)),
+                             grid_file, gif_file, 1.0, True, "done", None, payload.seconds, payload.nfe,
+                             images, trajectory=trajectory)
                 return
             elif kind == "cancelled":
                 finished = True
@@ -320,6 +360,7 @@ def _cells_image(cells: list, images: dict, ncol: int) -> Image.Image:
     return labelled_grid(tiles, ncol=ncol)
 
 
+@gpu
 def compare(checkpoint, samplers, counts, seed=0, batch_size=4, digit=None, guidance_scale=None, mode: str = "nfe",
             cancel: Optional[threading.Event] = None, interval: float = 0.5) -> Iterator[CompareUpdate]:
     """Several samplers side by side at equal cost (``mode="nfe"``: each budget converted to each
@@ -350,7 +391,7 @@ def compare(checkpoint, samplers, counts, seed=0, batch_size=4, digit=None, guid
         except (SamplingDivergedError, ValueError) as err:
             events.put(("error", None, str(err)))
         except Exception as err:  # keep the app alive
-            events.put(("error", None, f"{type(err).__name__}: {err}"))
+            events.put(("error", None, _failure(err, pipe, cells[0].request)))
 
     images: dict = {}
     start = time.perf_counter()
