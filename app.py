@@ -3,6 +3,7 @@ score-SDE samplers — side by side.
 
     python app.py                      # the bundled MNIST checkpoints, http://127.0.0.1:7860
     python app.py --checkpoint PATH    # also offer a local checkpoint folder (or a Hub repo id)
+    python app.py --device cuda --dtype float16   # where the networks run (default: auto = CUDA, else MPS, else CPU)
 
 This file only lays out the UI and wires events; what each control does is in ``ui/handlers.py``
 (Gradio glue) and ``ui/service.py`` (plain Python).
@@ -15,8 +16,13 @@ import logging
 import os
 import tempfile
 
+from ui import spaces_gpu  # noqa: I001 - imports ``spaces`` (on a ZeroGPU Space) before anything touches CUDA
+
 import gradio as gr
 
+from pipelines import DeviceError
+from pipelines.device import add_device_arguments, resolve_device, resolve_dtype
+from pipelines.device import label as device_label
 from schedulers.registry import LIMITS, get_spec
 from ui import handlers as h
 from ui import service, widgets
@@ -34,7 +40,7 @@ INSTANT = dict(queue=False, show_progress="hidden")
 INTRO = """# 🌀 Diffusion sampler lab
 Load a checkpoint, pick a sampler, watch x_t and the denoised estimate x̂₀ evolve; step through a trajectory, compare
 samplers at equal cost, see quality against NFE, and watch every sampler on an exact-score 2-D toy. Every sampler drives
-every checkpoint: DDPM networks and NCSN score networks alike (see the README for the math and the API)."""
+every checkpoint: DDPM networks, NCSN score networks and a latent DiT alike (see the README for the math and the API)."""
 
 CSS = """
 .status-line {font-family: ui-monospace, monospace; font-size: 0.9em}
@@ -312,16 +318,41 @@ def build(extra_checkpoints=()) -> gr.Blocks:
     return demo
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The app's command line; ``--device``/``--dtype`` are resolved (``args.device`` a torch.device,
+    ``args.dtype`` a torch.dtype) and a device this machine lacks is a usage error naming the fix.
+    On a ZeroGPU Space ``auto`` means CUDA (the GPU is attached during each sampling call)."""
     parser = argparse.ArgumentParser(description="Diffusion sampler lab")
     parser.add_argument("--checkpoint", action="append", default=[], help="extra checkpoint folder or Hub repo id")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--share", action="store_true")
-    args = parser.parse_args()
+    add_device_arguments(parser)
+    args = parser.parse_args(argv)
+    name = args.device
+    if name.strip().lower() == "auto" and spaces_gpu.zero_gpu():
+        name = "cuda"
+    try:
+        try:
+            args.device = resolve_device(name)
+        except DeviceError:
+            if name == args.device:
+                raise
+            logging.getLogger("sampler_lab").warning("ZeroGPU Space without a visible CUDA device: running on the CPU")
+            args.device = resolve_device("cpu")
+        args.dtype = resolve_dtype(args.dtype, args.device)
+    except DeviceError as err:
+        parser.error(str(err))
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     service.apply_threads()
+    service.CACHE.configure(args.device, args.dtype)  # every checkpoint loads there from now on
+    logging.getLogger("sampler_lab").info("networks run on %s", device_label(args.device, args.dtype))
     # Gradio's copies of our outputs go to a folder of our own, which the sweeper may prune
     os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(tempfile.gettempdir(), "sampler-lab-gradio"))
     demo = build(tuple(args.checkpoint))

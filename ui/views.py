@@ -30,7 +30,7 @@ from .requests import _number
 from .trajectory import TRAJECTORIES, known_timesteps
 
 DOCS = ROOT / "docs"
-TABLES = (DOCS / "sampler-table.json", DOCS / "ncsn-table.json")
+TABLES = (DOCS / "sampler-table.json", DOCS / "ncsn-table.json", DOCS / "latent-dit-table.json")
 
 
 def _figure(width: float, height: float):
@@ -252,7 +252,8 @@ def quality_figure(checkpoint, sampler: Optional[str] = None, nfe: Optional[int]
     table = table_for(checkpoint)
     if table is None:
         return None, ("No evaluation table ships for this checkpoint (the app has them for the bundled models: "
-                      "`docs/sampler-table.json`, `docs/ncsn-table.json`; make one with `python -m evaluation.table`).")
+                      "`docs/sampler-table.json`, `docs/ncsn-table.json`, `docs/latent-dit-table.json`; make one with "
+                      "`python -m evaluation.table`).")
     rows = quality_rows(table)
     fig = _figure(10, 4.4)
     ax = fig.subplots()

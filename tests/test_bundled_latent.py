@@ -1,0 +1,109 @@
+"""The bundled latent DiT (checkpoints/mnist-latent-dit): it loads as the latent family, every
+sampler drives it, guidance gives the requested digit, the app shows its latents, and plain
+diffusers code (its own classes and the textbook loop) gets the same digits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import SamplerPipeline
+from pipelines.checkpoint import inspect_checkpoint
+from schedulers.registry import SAMPLERS, get_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+LATENT = ROOT / "checkpoints" / "mnist-latent-dit"
+DIGITS = [i % 10 for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return SamplerPipeline.from_pretrained(str(LATENT))
+
+
+@pytest.fixture(scope="module")
+def classify():
+    from evaluation.evaluate import FeatureNet
+
+    features = FeatureNet()
+    return lambda images: features(images)[1]
+
+
+def test_the_bundled_latent_model_is_a_class_conditional_latent_dit():
+    info = inspect_checkpoint(str(LATENT))
+    assert info.is_latent and info.denoiser_class == "DiTTransformer2DModel"
+    assert info.family.num_classes == 10 and info.family.null_class_label == 10
+    assert info.decoder.class_name == "AutoencoderKL"
+    args = json.loads((LATENT / "training_args.json").read_text())
+    assert info.decoder.scaling_factor == pytest.approx(args["latent_scaling_factor"])
+    card = (LATENT / "README.md").read_text()
+    for needed in ("latent DiT", "resume", "DDIM", "requested digit", "DiTTransformer2DModel", "AutoencoderKL"):
+        assert needed in card, needed
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_drives_the_bundled_latent_model(pipe, sampler):
+    steps = max(get_spec(sampler).min_steps, 3)
+    out = pipe(sampler, steps, batch_size=2, seed=0, class_labels=[3, 8], guidance_scale=3.0, output_type="pt")
+    assert out.images.shape == (2, 1, 32, 32) and torch.isfinite(out.images).all()
+    assert out.decoder_calls == 1 and out.nfe >= 1
+
+
+def test_ddim_with_guidance_gives_the_requested_digit(pipe, classify):
+    out = pipe("ddim", 50, batch_size=len(DIGITS), seed=0, class_labels=DIGITS, guidance_scale=3.0, output_type="pt",
+               scheduler_params={"eta": 0.0})
+    accuracy = float((classify(out.images) == torch.tensor(DIGITS)).float().mean())
+    assert accuracy >= 0.9, accuracy
+
+
+def test_plain_diffusers_loop_gives_the_same_digits(pipe, classify):
+    """diffusers' own classes and the textbook classifier-free-guidance loop, as in the model card."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
+
+    transformer = DiTTransformer2DModel.from_pretrained(LATENT, subfolder="transformer").eval()
+    vae = AutoencoderKL.from_pretrained(LATENT, subfolder="vae").eval()
+    scheduler = DDIMScheduler.from_pretrained(LATENT, subfolder="scheduler")
+    scheduler.set_timesteps(50)
+    n, w = len(DIGITS), 3.0
+    labels = torch.tensor(DIGITS + [10] * n)  # 10: the "no class" label the model was trained with
+    g = torch.Generator().manual_seed(0)
+    c = transformer.config
+    z = torch.randn((n, c.in_channels, c.sample_size, c.sample_size), generator=g)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = transformer(torch.cat([z, z]), timestep=t.expand(2 * n), class_labels=labels).sample
+            eps_c, eps_u = eps.chunk(2)
+            z = scheduler.step(eps_u + w * (eps_c - eps_u), t, z).prev_sample
+        images = vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)
+    plain = float((classify(images) == torch.tensor(DIGITS)).float().mean())
+    ours = pipe("ddim", 50, batch_size=n, seed=0, class_labels=DIGITS, guidance_scale=w, output_type="pt",
+                scheduler_params={"eta": 0.0})
+    lab = float((classify(ours.images) == torch.tensor(DIGITS)).float().mean())
+    assert plain >= 0.9 and abs(plain - lab) <= 0.1, (plain, lab)
+
+
+def test_unconditional_samples_cover_every_digit(pipe, classify):
+    out = pipe("ddim", 25, batch_size=200, seed=1, guidance_scale=1.0, output_type="pt", scheduler_params={"eta": 1.0})
+    counts = np.bincount(classify(out.images).numpy(), minlength=10) / 200
+    assert counts.min() >= 0.03 and counts.max() <= 0.2, counts  # 200 samples: loose bounds around 5-15 %
+
+
+def test_the_app_offers_the_latent_model_and_shows_its_latents():
+    from ui import service, views
+    from ui.models import BUNDLED
+    from ui.requests import make_request
+
+    label = next(k for k, v in BUNDLED.items() if Path(v).name == "mnist-latent-dit")
+    summary = service.checkpoint_summary(label)
+    assert summary["conditional"] and summary["guidance"] and "latent" in service.describe(label).lower()
+    vp, ve, note = views.forward_process(label, 3, 300, 0.5)
+    assert vp.size == ve.size and vp.width > vp.height and "latent space" in note  # latent | decoded, side by side
+    req = make_request(label, "ddim", 10, None, 0, 4, "7", 3.0)
+    done = service.generate_blocking(req)
+    assert done.kind == "done" and "decoder call" in done.status and "NFE 10" in done.status
+    image, caption, _ = views.trajectory_view(done.run_id, 3)
+    assert image.width > 3 * image.height  # four panels: latent x_t, latent x̂₀, decoded x̂₀, latent ε̂
