@@ -254,8 +254,10 @@ def build(extra_checkpoints=()) -> gr.Blocks:
                           **LIGHT)
         demo.load(h.on_page_load, [checkpoint, sampler], load_outputs[:5] + sampler_outputs + [nfe],
                   api_visibility="private", **LIGHT)
-        sampler.input(h.on_sampler_change, [checkpoint, sampler], sampler_outputs, api_visibility="private", **INSTANT)
-        preset.input(h.apply_preset, [checkpoint, sampler, preset], [steps, *param_boxes], api_visibility="private",
+        # dropdowns: .select, once per choice (Gradio 6's Dropdown fires .input twice for one choice, and the
+        # second answer could overwrite a step count typed in between)
+        sampler.select(h.on_sampler_change, [checkpoint, sampler], sampler_outputs, api_visibility="private", **INSTANT)
+        preset.select(h.apply_preset, [checkpoint, sampler, preset], [steps, *param_boxes], api_visibility="private",
                      **INSTANT)
         for box in param_boxes:
             box.input(h.on_param_change, [checkpoint, sampler, steps, *param_boxes], steps, api_visibility="private",
@@ -302,7 +304,7 @@ def build(extra_checkpoints=()) -> gr.Blocks:
                              [ev_status, ev_table, ev_plot], api_name="evaluate", show_progress_on=[ev_status], **MODEL)
         ev_stop.click(h.cancelled_status, None, ev_status, cancels=[ev_run], api_visibility="private", **INSTANT)
 
-        toy_sampler.input(h.toy_steps_update, toy_sampler, toy_steps, api_visibility="private", **INSTANT)
+        toy_sampler.select(h.toy_steps_update, toy_sampler, toy_steps, api_visibility="private", **INSTANT)
         toy_go.click(h.named(h.run_toy, [("sampler", "langevin"), ("steps", None), ("particles", 2000), ("seed", 0)]),
                      [toy_sampler, toy_steps, toy_particles, toy_seed], [toy_image, toy_caption, toy_table],
                      api_name="toy", **TOY)

@@ -225,3 +225,28 @@ def test_a_sampler_that_chooses_its_steps_runs_without_a_trajectory(cond_ckpt):
     req = service.make_request(cond_ckpt, adaptive[0], 50, None, 0, 1, None, None)
     final = service.generate_blocking(req)
     assert final.kind == "done" and final.run_id is None
+
+
+def test_output_files_pruning_survives_files_deleted_meanwhile(monkeypatch, tmp_path):
+    """Two requests save at once: one prunes the folder while the other lists it (seen in CI as a
+    FileNotFoundError in the sorting key). A file that vanishes between listing and stat is skipped."""
+    from pathlib import Path
+
+    from ui import outputs
+
+    monkeypatch.setattr(outputs.tempfile, "gettempdir", lambda: str(tmp_path))
+    folder = tmp_path / "sampler-lab"
+    folder.mkdir()
+    for k in range(45):
+        (folder / f"f{k}.png").write_bytes(b"x")
+    real_glob = Path.glob
+
+    def glob_then_delete(self, pattern):
+        found = list(real_glob(self, pattern))
+        found[0].unlink()  # deleted by another request after the listing
+        return found
+
+    monkeypatch.setattr(Path, "glob", glob_then_delete)
+    assert outputs._outdir() == folder
+    monkeypatch.setattr(Path, "glob", real_glob)
+    assert len(list(folder.glob("*"))) == 40

@@ -90,10 +90,18 @@ def panel(x: torch.Tensor, kind: str = "image", size: int = 160, decode: Optiona
 def _outdir() -> Path:
     d = Path(tempfile.gettempdir()) / "sampler-lab"
     d.mkdir(parents=True, exist_ok=True)
-    files = sorted(d.glob("*"), key=lambda p: p.stat().st_mtime)
+    files = sorted(d.glob("*"), key=_mtime)
     for old in files[:-40]:  # keep the newest downloads only; the disk must not fill up
         old.unlink(missing_ok=True)
     return d
+
+
+def _mtime(path: Path) -> float:
+    """A file's modification time, or 0 when another request (or the sweeper) deleted it meanwhile."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def sweep_files(folder, age: float, keep=()) -> int:
