@@ -208,3 +208,14 @@ def test_training_a_latent_dit_gives_a_checkpoint_the_pipeline_samples(tmp_path)
     assert images.shape == (2, 32, 32, 1) and math.isfinite(float(images.sum()))
     card = (out / "model" / "README.md").read_text()
     assert "latent DiT" in card and "latents 4×8×8 of 32×32 images" in card and "AutoencoderKL" in card, card
+
+
+@pytest.mark.parametrize("name", ["ldm_celebahq", "dit_256"])
+def test_the_forward_process_view_encodes_at_the_decoders_size(name, ldm_celebahq, dit_256):
+    """The app's forward-process tab on a published RGB latent layout: the 32×32 grey digit is resized and
+    repeated to the autoencoder's 3 × 256 × 256 before encoding, noised in latent space and decoded."""
+    from ui import views
+
+    folder = str({"ldm_celebahq": ldm_celebahq, "dit_256": dit_256}[name])
+    vp, ve, note = views.forward_process(folder, 0, 500, 1.0)
+    assert vp.size == ve.size and vp.width > vp.height and "latent space" in note

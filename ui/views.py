@@ -74,10 +74,9 @@ def forward_process(checkpoint, index, t, sigma, seed=0) -> tuple[Image.Image, I
 def _latent_forward_process(pipe, x_0: torch.Tensor, t: int, sigma: float, seed) -> tuple[Image.Image, Image.Image, str]:
     """The forward process of a latent checkpoint: the digit encoded, noised in latent space, decoded."""
     decoder = pipe.decoder
-    config = decoder.model.config
-    size = pipe.sample_shape[-1] * 2 ** (len(config.get("down_block_types", ())) - 1)
+    channels, size = pipe.info.image_shape[0], pipe.info.image_shape[-1]  # the decoder's images (checkpoint.py)
     x_0 = torch.nn.functional.interpolate(x_0, size=size, mode="nearest") if x_0.shape[-1] != size else x_0
-    x_0 = x_0.expand(-1, int(config.get("in_channels", 1)), -1, -1)  # a grey digit for an RGB autoencoder
+    x_0 = x_0.expand(-1, channels, -1, -1)  # a grey digit for an RGB autoencoder
     z_0 = decoder.encode(x_0)  # the posterior mean, times the scaling factor
     z = torch.randn(z_0.shape, generator=torch.Generator().manual_seed(int(seed)))
     alpha_bar_t = pipe.schedule.alphas_cumprod[t]
