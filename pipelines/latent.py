@@ -77,7 +77,7 @@ def inspect_decoder(folder: Path, class_name: str) -> DecoderInfo:
 
 
 class LatentDecoder:
-    """Decode (and encode) latents of a checkpoint's autoencoder; counts decoder calls.
+    """Decode (and encode) latents of a checkpoint's autoencoder (the app counts its decodes per request).
 
     Args:
         model: an ``AutoencoderKL`` or ``VQModel``.
@@ -90,7 +90,6 @@ class LatentDecoder:
         self.scaling_factor = float(scaling_factor)
         self.note = note
         self.is_vq = type(model).__name__ == "VQModel"
-        self.calls = 0  # decoder evaluations (a batched decode counts once)
 
     @property
     def device(self) -> torch.device:
@@ -103,7 +102,6 @@ class LatentDecoder:
     @torch.no_grad()
     def decode(self, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Latents ``[B, C, h, w]`` → images ``[B, C', H, W]`` in [-1, 1] (float32, on ``z``'s device)."""
-        self.calls += 1
         out = []
         for i in range(0, z.shape[0], batch_size):
             chunk = (z[i:i + batch_size] / self.scaling_factor).to(self.device, self.dtype)
