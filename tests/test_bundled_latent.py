@@ -105,5 +105,10 @@ def test_the_app_offers_the_latent_model_and_shows_its_latents():
     req = make_request(label, "ddim", 10, None, 0, 4, "7", 3.0)
     done = service.generate_blocking(req)
     assert done.kind == "done" and "decoder call" in done.status and "NFE 10" in done.status
+    from ui.trajectory import TRAJECTORIES
+
+    traj = TRAJECTORIES.get(done.run_id)
+    assert traj.latent and not traj.x0_image  # nothing decoded for the trajectory during the run
     image, caption, _ = views.trajectory_view(done.run_id, 3)
     assert image.width > 3 * image.height  # four panels: latent x_t, latent x̂₀, decoded x̂₀, latent ε̂
+    assert list(traj.x0_image) == [3]  # only the entry that was viewed

@@ -193,7 +193,8 @@ def run_on_device(req: Request, previews: int = 24, cancel: Optional[threading.E
         if not 0 <= k < req.batch_size:
             raise UserError(f"trajectory image must be between 0 and {req.batch_size - 1} (an image of the batch), got {k}")
         scheduler, _, _ = pipe.prepare(req.sampler, req.steps, req.params)
-        trajectory = Trajectory(req.sampler, title, req.nfe, k, dict(pipe.sampler_config))
+        trajectory = Trajectory(req.sampler, title, req.nfe, k, dict(pipe.sampler_config), checkpoint=req.checkpoint,
+                                latent=decode is not None)
         recorder = TrajectoryRecorder(scheduler, pipe.schedule, _initial_state(pipe, req, scheduler), k, trajectory)
 
     def on_step(i, n, x_t, x0_hat):
@@ -244,8 +245,6 @@ def run_on_device(req: Request, previews: int = 24, cancel: Optional[threading.E
                 finished = True
                 images = payload.images.cpu()  # off the accelerator: files, gallery and the caller
                 grid_file, gif_file = save_outputs(images, frames, req.sampler)
-                if decode is not None and trajectory is not None and len(trajectory):
-                    trajectory.decode(decode)  # every stored x̂₀ at once, not a decode per sampler step
                 decodes = None if decode is None else decode.calls + payload.decoder_calls
                 yield Update(last_frame[0], gallery_images(images),
                              status_line(req, payload.nfe, payload.seconds, decodes,

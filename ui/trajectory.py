@@ -38,8 +38,8 @@ class Trajectory:
         x_t, x0_hat, eps_hat: ``[k, C, H, W]`` float16: the network's input (a VP state), the
             denoised estimate, and the ε consistent with both.
         all_t: every step's label (for the schedule plot).
-        x0_image: for a latent checkpoint, every stored x̂₀ decoded into an image (one batched decode
-            when the run ends, :meth:`decode`); empty otherwise.
+        checkpoint, latent: the app's checkpoint choice, and whether its states are latents (then an
+            entry's x̂₀ is decoded when it is first viewed, :meth:`decoded_x0`, never for the whole run).
     """
 
     sampler: str
@@ -54,21 +54,23 @@ class Trajectory:
     x0_hat: list = field(default_factory=list)
     eps_hat: list = field(default_factory=list)
     all_t: list = field(default_factory=list)
-    x0_image: list = field(default_factory=list)
+    checkpoint: str = ""
+    latent: bool = False
+    x0_image: dict = field(default_factory=dict)  # entry → decoded x̂₀, for the entries viewed so far
     run_id: str = ""
     note: str = ""
 
-    def decode(self, to_images) -> None:
-        """Decode every stored x̂₀ with ``to_images`` (a latent checkpoint's decoder) in one batch."""
-        if self.x0_hat:
-            images = to_images(torch.cat(self.x0_hat).float())
-            self.x0_image = [img.unsqueeze(0).half() for img in images]
+    def decoded_x0(self, k: int, to_images) -> torch.Tensor:
+        """Entry ``k``'s x̂₀ as an image: decoded with ``to_images`` (the checkpoint's decoder) on first use."""
+        if k not in self.x0_image:
+            self.x0_image[k] = to_images(self.x0_hat[k].float()).half()
+        return self.x0_image[k]
 
     def __len__(self) -> int:
         return len(self.step)
 
     def nbytes(self) -> int:
-        return sum(x.numel() * x.element_size() for x in (*self.x_t, *self.x0_hat, *self.eps_hat, *self.x0_image))
+        return sum(x.numel() * x.element_size() for x in (*self.x_t, *self.x0_hat, *self.eps_hat, *self.x0_image.values()))
 
 
 def known_timesteps(scheduler) -> Optional[list]:

@@ -161,10 +161,10 @@ def trajectory_view(run_id, position) -> tuple[Image.Image, str, Image.Image]:
     index, t and σ_t, and the σ_t plot with every step of the run and this one marked."""
     traj = TRAJECTORIES.get(run_id)
     k = _number(position if position is not None else len(traj) - 1, "trajectory step", 0, len(traj) - 1, integer=True)
-    if traj.x0_image:  # a latent checkpoint: the latents in false colour, x̂₀ also as the decoder draws it
+    if traj.latent:  # a latent checkpoint: the latents in false colour, x̂₀ also as the decoder draws it (this entry only)
         tiles = [("latent x_t (false colour)", panel(traj.x_t[k].float(), "state")),
                  ("latent x̂₀ (false colour)", panel(traj.x0_hat[k].float(), "state")),
-                 ("decoded x̂₀", panel(traj.x0_image[k].float(), "image")),
+                 ("decoded x̂₀", panel(traj.decoded_x0(k, CACHE.get(traj.checkpoint).to_images).float(), "image")),
                  ("latent ε̂ (ε̂/3, false colour)", panel(traj.eps_hat[k].float(), "noise"))]
     else:
         tiles = [("x_t (network input)", panel(traj.x_t[k].float(), "state")),
