@@ -8,10 +8,11 @@ from .scheduling_annealed_langevin import AnnealedLangevinScheduler
 from .scheduling_edm import EDMStochasticScheduler
 from .scheduling_ipndm import IPNDMScheduler
 from .scheduling_probability_flow import ProbabilityFlowScheduler
+from .scheduling_sde_multistep import SDEMultistepScheduler
 from .scheduling_vp_sde import VPSDEScheduler
 
 __all__ = [
     "AdaptiveSDEScheduler", "AnnealedLangevinScheduler", "EDMStochasticScheduler", "EpsilonNetwork", "IPNDMScheduler",
-    "ModelFamily", "Param", "ProbabilityFlowScheduler", "SAMPLERS", "SamplerSpec", "VPSDEScheduler", "create_scheduler",
+    "ModelFamily", "Param", "ProbabilityFlowScheduler", "SAMPLERS", "SamplerSpec", "SDEMultistepScheduler", "VPSDEScheduler", "create_scheduler",
     "get_spec", "nfe_of", "steps_for_nfe",
 ]

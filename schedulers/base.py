@@ -28,6 +28,7 @@ LAB_SCHEDULERS = {
     "EDMStochasticScheduler": "scheduling_edm",
     "IPNDMScheduler": "scheduling_ipndm",
     "AdaptiveSDEScheduler": "scheduling_adaptive_sde",
+    "SDEMultistepScheduler": "scheduling_sde_multistep",
 }
 # diffusers' schedulers configured by the DDPM keys (what DDPMScheduler._compatibles lists), and ours.
 DDPM_FAMILY = [e.name for e in KarrasDiffusionSchedulers] + list(LAB_SCHEDULERS)

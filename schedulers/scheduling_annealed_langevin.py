@@ -57,6 +57,20 @@ class AnnealedLangevinScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin
     between 0.08 and 0.12 is best at that budget, K hardly matters
     (docs/samplers.md#annealed-langevin-dynamics).
 
+    **Noise correction** (``noise_correction``, on in the registry). Drawing the noise with variance
+    step_size_i (2 − δ) instead of 2 step_size_i,
+
+        x̃ ← x̃ + step_size_i ∇log p_{σ_i}(x̃) + √(step_size_i (2 − δ)) z,
+
+    makes the recursion above exact at the level's own scale: for v = σ_i² (data narrower than the
+    level) V′ = (1 − δ)² V + δ(2 − δ) σ_i² has V* = σ_i², so N(μ, σ_i² I) is left invariant and the
+    over-dispersion is gone (it stays for wide modes, v ≫ σ_i², where it was small). δ → 0 is
+    Algorithm 1; δ = 1 jumps to Tweedie's x̂₀ and adds fresh noise of the level, σ_i z. Measured on
+    the 16-dimensional exact-score mixture at the defaults (1,000 NFE, 3,000 samples): mode-weight
+    error 0.042 / 0.032 (VP / VE) against Algorithm 1's 0.068 / 0.060, width error 0.022 / 0.019
+    against 0.049 / 0.046; Algorithm 1 moves mass into the widest mode (0.47 for 0.40)
+    (docs/samplers.md#annealed-langevin-dynamics).
+
     **``num_inference_steps`` is the number of noise levels L.** The loop makes
     ``L · K (+1)`` network evaluations, which is ``len(timesteps)``; the levels always run from
     ``sigma_max`` to ``sigma_min`` whatever L is, on ``time_grid`` (docs/schedules.md#time-grids):
@@ -82,6 +96,8 @@ class AnnealedLangevinScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin
         sigma_max_cap: upper bound applied when ``sigma_max`` is None (the linear DDPM schedule
             reaches σ ≈ 157, far beyond the largest distance between images).
         time_grid: ``"log_snr"`` (geometric levels), ``"karras"`` or ``"uniform"``.
+        noise_correction: noise variance step_size_i (2 − δ) instead of Algorithm 1's 2 step_size_i
+            (see above); off here (the paper's algorithm), on in the registry.
     """
 
     order = DEFAULT_STEPS_PER_LEVEL  # per instance: K = steps_per_level (set in __init__)
@@ -103,6 +119,7 @@ class AnnealedLangevinScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin
         final_denoise: bool = True,
         sigma_max_cap: float = 80.0,
         time_grid: str = "log_snr",
+        noise_correction: bool = False,
     ):
         self._init_schedule()
         check_time_grid(time_grid)
@@ -196,5 +213,8 @@ class AnnealedLangevinScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin
             prev_sample = pred_original_sample  # NCSNv2 final denoising step: x̃ + σ_L² ∇log p
         else:
             z = self._randn(sample, generator)
-            prev_sample = sample + step_size_i * score + math.sqrt(2.0 * step_size_i) * z  # Algorithm 1, line 6
+            noise_var = 2.0 * step_size_i  # Algorithm 1, line 6
+            if self.config.noise_correction:
+                noise_var = step_size_i * (2.0 - step_size_i / sigma_i**2)  # α(2 − δ): V* = σ_i² (class docstring)
+            prev_sample = sample + step_size_i * score + math.sqrt(noise_var) * z
         return self._finish(i, prev_sample, pred_original_sample, return_dict)

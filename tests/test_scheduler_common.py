@@ -19,6 +19,7 @@ from schedulers.scheduling_adaptive_sde import AdaptiveSDEScheduler
 from schedulers.scheduling_dpmsolver_clipped import ClippedDPMSolverMultistepScheduler
 from schedulers.scheduling_edm import EDMStochasticScheduler
 from schedulers.scheduling_ipndm import IPNDMScheduler
+from schedulers.scheduling_sde_multistep import SDEMultistepScheduler
 
 CUSTOM = [
     (AnnealedLangevinScheduler, {}),
@@ -30,19 +31,22 @@ CUSTOM = [
     (ProbabilityFlowScheduler, {"solver": "euler", "clip_sample": True}),
     (VPSDEScheduler, {"time_grid": "karras"}),
     (ProbabilityFlowScheduler, {"solver": "heun", "time_grid": "log_snr"}),
+    (ProbabilityFlowScheduler, {"solver": "heun", "time_grid": "karras", "variable": "sigma", "clip_sample": True}),
     (AnnealedLangevinScheduler, {"time_grid": "uniform", "delta": 0.3}),
     (EDMStochasticScheduler, {}),
     (EDMStochasticScheduler, {"s_churn": 0.0, "time_grid": "log_snr", "clip_sample": True}),
     (IPNDMScheduler, {}),
     (IPNDMScheduler, {"max_order": 4, "time_grid": "karras"}),
+    (SDEMultistepScheduler, {}),
+    (SDEMultistepScheduler, {"eta": 0.0, "time_grid": "log_snr", "clip_sample": True}),
 ]
 IDS = [f"{cls.__name__}-{kw}" for cls, kw in CUSTOM]
 ALL = CUSTOM + [(ClippedDPMSolverMultistepScheduler, {"thresholding": True, "sample_max_value": 0.8}),
                 (AdaptiveSDEScheduler, {"rtol": 0.1})]
 ALL_IDS = IDS + ["ClippedDPMSolver", "AdaptiveSDE"]
-STOCHASTIC = (AnnealedLangevinScheduler, VPSDEScheduler, EDMStochasticScheduler, AdaptiveSDEScheduler)
+STOCHASTIC = (AnnealedLangevinScheduler, VPSDEScheduler, EDMStochasticScheduler, AdaptiveSDEScheduler, SDEMultistepScheduler)
 LAB_CLASSES = {AnnealedLangevinScheduler, VPSDEScheduler, ProbabilityFlowScheduler, ClippedDPMSolverMultistepScheduler,
-               EDMStochasticScheduler, IPNDMScheduler, AdaptiveSDEScheduler}
+               EDMStochasticScheduler, IPNDMScheduler, AdaptiveSDEScheduler, SDEMultistepScheduler}
 BETA_SCHEDULES = {
     "linear": {"beta_start": 1e-4, "beta_end": 0.02},
     "scaled_linear": {"beta_start": 0.00085, "beta_end": 0.012},
@@ -215,7 +219,8 @@ def test_seeded_determinism(cls, kwargs):
     b = sample(cls(**kwargs), seed=3)
     c = sample(cls(**kwargs), seed=4)  # same starting noise, different step noise
     assert torch.equal(a, b)
-    assert torch.equal(a, c) == (cls not in STOCHASTIC or kwargs.get("s_churn") == 0.0)  # S_churn = 0: Algorithm 1
+    deterministic = kwargs.get("s_churn") == 0.0 or kwargs.get("eta") == 0.0  # EDM's Algorithm 1; the ODE
+    assert torch.equal(a, c) == (cls not in STOCHASTIC or deterministic)
 
 
 @pytest.mark.parametrize("cls,kwargs", CUSTOM, ids=IDS)
@@ -304,6 +309,7 @@ def test_add_noise_is_the_forward_marginal_of_the_ddpm_schedule(cls, kwargs, bet
     (AnnealedLangevinScheduler, {"steps_per_level": 1, "final_denoise": False}, 1, 0),
     (EDMStochasticScheduler, {}, 2, -1),
     (IPNDMScheduler, {}, 1, 0),
+    (SDEMultistepScheduler, {}, 1, 0),
 ])
 def test_order_is_the_number_of_entries_per_step(cls, kwargs, order, extra):
     """diffusers' pipelines take ``timesteps[t_start * order:]`` and count progress in steps of ``order``."""

@@ -13,6 +13,7 @@ from schedulers import SAMPLERS, AnnealedLangevinScheduler, ProbabilityFlowSched
 from schedulers.scheduling_adaptive_sde import AdaptiveSDEScheduler
 from schedulers.scheduling_edm import EDMStochasticScheduler
 from schedulers.scheduling_ipndm import IPNDMScheduler
+from schedulers.scheduling_sde_multistep import SDEMultistepScheduler
 
 CUSTOM = [
     (AnnealedLangevinScheduler, {}),
@@ -23,6 +24,7 @@ CUSTOM = [
     (ProbabilityFlowScheduler, {"solver": "euler"}),
     (EDMStochasticScheduler, {}),
     (IPNDMScheduler, {}),
+    (SDEMultistepScheduler, {}),
 ]
 IDS = [f"{cls.__name__}-{kw}" for cls, kw in CUSTOM]
 
@@ -114,7 +116,7 @@ def test_step_past_the_end_is_an_error(cls, kwargs):
 
 
 @pytest.mark.parametrize("cls", [AnnealedLangevinScheduler, VPSDEScheduler, ProbabilityFlowScheduler,
-                                 EDMStochasticScheduler, IPNDMScheduler, AdaptiveSDEScheduler])
+                                 EDMStochasticScheduler, IPNDMScheduler, AdaptiveSDEScheduler, SDEMultistepScheduler])
 @pytest.mark.parametrize("bad", [0, -3, 2.5, 10**7])
 def test_bad_step_counts_are_rejected(cls, bad):
     with pytest.raises((ValueError, TypeError)):
