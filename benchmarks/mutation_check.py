@@ -55,6 +55,10 @@ VP_SDE = "schedulers/scheduling_vp_sde.py"
 PF = "schedulers/scheduling_probability_flow.py"
 LANGEVIN = "schedulers/scheduling_annealed_langevin.py"
 PARAM = "schedulers/parametrization.py"
+SDE_MS = "schedulers/scheduling_sde_multistep.py"
+SDE_MS_TESTS = "tests/test_samplers_sde_multistep.py"
+PF_SIGMA_TESTS = "tests/test_samplers_pf_ode_sigma.py"
+LANGEVIN_TESTS = "tests/test_samplers_langevin.py"
 HEUN_2ND = "prev_sample = self._x_i + 0.5 * (self._d_i + drift) * self.dt"
 CFG_LINE = "return eps_uncond + guidance_scale * (eps_cond - eps_uncond)"
 PATH_TESTS = (GUARDS, "-k", "resolve_checkpoint or (space_mode and not reveal)")
@@ -109,8 +113,22 @@ MUTATIONS = [
     Mutation("vpsde-score-sign", VP_SDE, "drift = -0.5 * beta_t * sample - beta_t * score",
              "drift = -0.5 * beta_t * sample + beta_t * score", (ORDER, "-k", "vp_sde"),
              "reverse-SDE drift with the score's sign flipped"),
-    Mutation("langevin-no-sqrt2", LANGEVIN, "math.sqrt(2.0 * step_size_i) * z", "math.sqrt(step_size_i) * z",
-             (EXACT, "-k", "reproduces and langevin"), "Langevin noise √α z instead of √(2α) z"),
+    Mutation("langevin-no-sqrt2", LANGEVIN, "noise_var = 2.0 * step_size_i  # Algorithm 1", "noise_var = step_size_i  # Algorithm 1",
+             (LANGEVIN_TESTS, "-k", "algorithm_1 or by_hand"), "Langevin noise √α z instead of √(2α) z"),
+    Mutation("langevin-correction-sign", LANGEVIN, "step_size_i * (2.0 - step_size_i / sigma_i**2)",
+             "step_size_i * (2.0 + step_size_i / sigma_i**2)", (LANGEVIN_TESTS, "-k", "by_hand or 16d"),
+             "noise correction α(2 + δ) instead of α(2 − δ)"),
+    Mutation("sde-ms-midpoint", SDE_MS, "(D_i - D_prev) / (2.0 * r_i)", "(D_i - D_prev) / r_i",
+             (SDE_MS_TESTS,), "SDE multistep: extrapolation (D_i − D_{i−1})/r instead of /(2r)"),
+    Mutation("sde-ms-noise", SDE_MS, "math.sqrt(-math.expm1(-2.0 * eta * h_i))", "math.sqrt(-math.expm1(-eta * h_i))",
+             (SDE_MS_TESTS,), "SDE multistep: noise σ√(1 − e^{−ηh}) instead of σ√(1 − e^{−2ηh})"),
+    Mutation("sde-ms-decay", SDE_MS, "math.exp(-(1.0 + eta) * h_i)", "math.exp(-(1.0 + 2.0 * eta) * h_i)",
+             (SDE_MS_TESTS,), "SDE multistep: decay e^{−(1+2η)h} instead of e^{−(1+η)h}"),
+    Mutation("pf-sigma-heun", PF, "x_next = self._x_i + 0.5 * (self._d_i + d) * d_sigma", "x_next = self._x_i + d * d_sigma",
+             (PF_SIGMA_TESTS,), "PF-ODE in σ: Heun's corrector uses the end slope only"),
+    Mutation("pf-sigma-scale", PF, "return self._finish(i, m_end * x_next, x0, return_dict)",
+             "return self._finish(i, self._m[i] * x_next, x0, return_dict)", (PF_SIGMA_TESTS,),
+             "PF-ODE in σ: the VE state handed back with the start's m(t) instead of the end's"),
     Mutation("langevin-no-tweedie", LANGEVIN, "prev_sample = pred_original_sample  # NCSNv2 final denoising step",
              "prev_sample = sample  # NCSNv2 final denoising step", (GUARDS, "-k", "langevin"),
              "annealed Langevin's final Tweedie step removed"),
