@@ -14,7 +14,15 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .parametrization import clip_denoised, epsilon_to_x0, expand_like, forward_marginal, to_epsilon, ve_to_vp
+from .parametrization import (
+    clip_denoised,
+    epsilon_to_x0,
+    expand_like,
+    forward_marginal,
+    sigma_to_vp_scales,
+    to_epsilon,
+    ve_to_vp,
+)
 from .schedules import VPSDE, DiscreteVPSchedule, check_time_grid
 
 MAX_INFERENCE_STEPS = 100_000
@@ -334,6 +342,15 @@ class VEStateMixin(DDPMScheduleMixin):
             found = hits.any(dim=1)
             sigma[found] = self.sigmas[hits.float().argmax(dim=1)[found]]
         return sigma
+
+    def _denoise(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: float):
+        """(ε̂, D(x̃; σ)) of the network's output at the VE state ``sample``: the denoiser x̂₀ = x̃ − σ ε̂, clipped
+        to [−1, 1] with the ε̂ consistent with it when the config says ``clip_sample``."""
+        a_t, s_t = sigma_to_vp_scales(sigma)  # the network saw the VP state x̃/√(1+σ²)
+        epsilon_hat = to_epsilon(model_output, self.config.prediction_type, ve_to_vp(sample, sigma), a_t, s_t)
+        if getattr(self.config, "clip_sample", False):
+            return clip_denoised(epsilon_hat, sample, 1.0, sigma)  # VE: a = 1, s = σ
+        return epsilon_hat, epsilon_to_x0(epsilon_hat, sample, 1.0, sigma)  # D(x̃; σ) = x̃ − σ ε̂
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """x̃/√(1+σ²): the VP state a DDPM network expects at the label of σ (docs/parametrization.md#vp-and-ve-are-one-family).

@@ -11,7 +11,6 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .base import LabCompatiblesMixin, VEStateMixin
-from .parametrization import clip_denoised, epsilon_to_x0, sigma_to_vp_scales, to_epsilon, ve_to_vp
 from .schedules import check_time_grid
 
 FIRST_STAGE, SECOND_STAGE = 1, 2
@@ -167,12 +166,7 @@ class EDMStochasticScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin, V
             return self._repeat(sample, return_dict)
         t = float(self.sigmas[e])
         i = self._step_of[e]
-        a_t, s_t = sigma_to_vp_scales(t)
-        epsilon_hat = to_epsilon(model_output, self.config.prediction_type, ve_to_vp(sample, t), a_t, s_t)
-        if self.config.clip_sample:
-            epsilon_hat, denoised = clip_denoised(epsilon_hat, sample, 1.0, t)  # VE: a = 1, s = t
-        else:
-            denoised = epsilon_to_x0(epsilon_hat, sample, 1.0, t)  # D(x; t) = x − t ε̂
+        _, denoised = self._denoise(model_output, sample, t)  # D(x; t) = x − t ε̂ (clipped if clip_sample)
         d = (sample - denoised) / t  # lines 7 and 10: d = (x − D(x; t))/t
         t_next, t_hat = float(self.t_steps[i + 1]), float(self.t_hat[i])
         if self._stage[e] == FIRST_STAGE:

@@ -10,7 +10,6 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .base import LabCompatiblesMixin, VEStateMixin
-from .parametrization import clip_denoised, epsilon_to_x0, sigma_to_vp_scales, to_epsilon, ve_to_vp
 from .schedules import check_time_grid
 
 # Adams–Bashforth weights of d_i, d_{i−1}, d_{i−2}, d_{i−3} for orders 1–4 (equal steps)
@@ -133,12 +132,7 @@ class IPNDMScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin, VEStateMi
         if i is None:
             return self._repeat(sample, return_dict)
         sigma_i, sigma_next = float(self.sigma_steps[i]), float(self.sigma_steps[i + 1])
-        a_t, s_t = sigma_to_vp_scales(sigma_i)
-        epsilon_hat = to_epsilon(model_output, self.config.prediction_type, ve_to_vp(sample, sigma_i), a_t, s_t)
-        if self.config.clip_sample:
-            epsilon_hat, denoised = clip_denoised(epsilon_hat, sample, 1.0, sigma_i)  # VE: a = 1, s = σ
-        else:
-            denoised = epsilon_to_x0(epsilon_hat, sample, 1.0, sigma_i)  # D(x; σ) = x − σ ε̂
+        _, denoised = self._denoise(model_output, sample, sigma_i)  # D(x; σ) = x − σ ε̂ (clipped if clip_sample)
         d_i = (sample - denoised) / sigma_i  # dx/dσ
         if self._history and self._history[-1][0] != i - 1:
             self._history = []  # not the step after the last one: warm up again

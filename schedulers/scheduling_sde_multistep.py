@@ -11,7 +11,6 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .base import LabCompatiblesMixin, VEStateMixin
-from .parametrization import clip_denoised, epsilon_to_x0, sigma_to_vp_scales, to_epsilon, ve_to_vp
 from .schedules import check_time_grid
 
 
@@ -133,12 +132,7 @@ class SDEMultistepScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin, VE
         if i is None:
             return self._repeat(sample, return_dict)
         sigma_i, sigma_next = float(self.sigma_steps[i]), float(self.sigma_steps[i + 1])
-        a_t, s_t = sigma_to_vp_scales(sigma_i)
-        epsilon_hat = to_epsilon(model_output, self.config.prediction_type, ve_to_vp(sample, sigma_i), a_t, s_t)
-        if self.config.clip_sample:
-            _, D_i = clip_denoised(epsilon_hat, sample, 1.0, sigma_i)  # VE: a = 1, s = σ
-        else:
-            D_i = epsilon_to_x0(epsilon_hat, sample, 1.0, sigma_i)  # D(x; σ) = x − σ ε̂
+        _, D_i = self._denoise(model_output, sample, sigma_i)  # D(x; σ) = x − σ ε̂ (clipped if clip_sample)
         previous = self._previous if (self._previous is not None and self._previous[0] == i - 1) else None
         if sigma_next == 0.0:  # h = ∞: the exact solution is the denoised estimate
             self._previous = None
