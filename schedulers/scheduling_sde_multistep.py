@@ -34,7 +34,7 @@ class SDEMultistepScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin, VE
     With η = 0 and order 2 this is DPM-Solver++(2M); with η = 1, its SDE form. The last step, to
     σ_N = 0, returns D_{N−1} (h = ∞: the exact solution is the denoised estimate itself).
 
-    Why this one (docs/samplers.md#sde-multistep; ``evaluation.table`` and ``benchmarks/bench_samplers.py``):
+    Why this one (docs/samplers.md#sde-multistep; ``evaluation.table`` and the tests' 16-D mixture):
     on the bundled MNIST models the ODE solvers, however accurate, converge to the ODE's samples,
     whose classifier-FID (≈ 4–5 at 100 NFE) is worse than the SDE's (≈ 1.3–1.5): at 10–20
     evaluations the best images come from a stochastic sampler that makes every step count.
