@@ -162,6 +162,32 @@ def _nll_lines(likelihood: dict) -> list[str]:
     return lines
 
 
+def _pareto_lines(ax, cells: dict, rows, nfes, key: str) -> None:
+    """One line per sampler: at each NFE budget the best of its table rows (grids and variants), so the
+    figure compares samplers at their best setting; the table keeps every row."""
+    import matplotlib
+
+    groups: dict = {}
+    for title, name, _ in rows:
+        groups.setdefault(name, []).append(title)
+    colours = matplotlib.colormaps["tab20"].colors
+    for k, (name, titles) in enumerate(groups.items()):
+        xs, ys = [], []
+        for n in nfes:
+            found = [c for c in (cells.get(f"{t}|{n}") for t in titles)
+                     if c is not None and "error" not in c and c.get(key) is not None]
+            if found:
+                best = min(found, key=lambda c: c[key])
+                xs.append(best["nfe"])
+                ys.append(best[key])
+        if xs:
+            label = SAMPLERS[name].title if name in SAMPLERS else titles[0]
+            if len(titles) > 1:
+                label += f" (best of {len(titles)} rows)"
+            ax.plot(xs, ys, marker="o", label=label, color=colours[k % len(colours)],
+                    linestyle="-" if k < len(colours) else "--")
+
+
 def write_outputs(results: dict, out: Path, nfes=NFES, rows=ROWS, metrics=("fid",)) -> None:
     """Markdown and CSV tables, and the plot of the first metric against NFE."""
     import matplotlib
@@ -182,7 +208,7 @@ def write_outputs(results: dict, out: Path, nfes=NFES, rows=ROWS, metrics=("fid"
     md = [f"{names[0].upper() + names[1:]} of {meta['num_samples']} samples (seconds per image in brackets; real vs real "
           f"at the same sample count: {refs}).", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * len(nfes)]
     table = [csv_header]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9.5, 4.6))
     for title, _, _ in rows:
         line, csv_row, xs, ys = [], [title], [], []
         for n in nfes:
@@ -202,8 +228,7 @@ def write_outputs(results: dict, out: Path, nfes=NFES, rows=ROWS, metrics=("fid"
                 csv_row.append("" if c is None or "error" in c or c.get(k) is None else f"{c[k]:.4f}")
         md.append(f"| {title} | " + " | ".join(line) + " |")
         table.append(csv_row)
-        if xs:
-            ax.plot(xs, ys, marker="o", label=title)
+    _pareto_lines(ax, cells, rows, nfes, keys[0])
     if "likelihood" in results:
         md += ["", "Likelihood of held-out digits (independent of the sampler; docs/likelihood.md):", ""]
         md += _nll_lines(results["likelihood"])
@@ -216,7 +241,7 @@ def write_outputs(results: dict, out: Path, nfes=NFES, rows=ROWS, metrics=("fid"
     ax.set_ylabel(METRICS[metrics[0]][2])
     ax.set_title(f"{Path(meta['checkpoint']).name}: {meta['num_samples']} samples per point", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
     plt.close(fig)
