@@ -321,6 +321,17 @@ class VEStateMixin(DDPMScheduleMixin):
             return torch.tensor([sigma_max], dtype=torch.float64)
         return self.schedule.sigma_grid(self.config.time_grid, sigma_max, sigma_min, n)
 
+    def _set_steps_to_zero(self, num_inference_steps: int, device) -> torch.Tensor:
+        """One evaluation per step on N levels σ_0 > … > σ_{N−1} (``time_grid``), then σ_N = 0 (iPNDM, SDE
+        multistep): sets ``sigma_steps`` (N + 1 values), ``timesteps`` and ``init_noise_sigma``; returns the levels."""
+        self._check_num_inference_steps(num_inference_steps)
+        levels = self._sigma_levels(num_inference_steps)
+        self.num_inference_steps = num_inference_steps
+        self.sigma_steps = torch.cat([levels, levels.new_zeros(1)])
+        self._set_levels(levels, device)
+        self.init_noise_sigma = float(levels[0])
+        return levels
+
     def _set_levels(self, sigmas: torch.Tensor, device) -> None:
         """``sigmas`` (float64, one per entry) and the labels a network sees them at become ``timesteps``."""
         self.sigmas = sigmas

@@ -103,12 +103,7 @@ class SDEMultistepScheduler(LabCompatiblesMixin, SchedulerMixin, ConfigMixin, VE
 
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device] = None):
         """N = ``num_inference_steps`` steps, one evaluation each, from σ_0 = ``sigma_max`` to σ_N = 0."""
-        self._check_num_inference_steps(num_inference_steps)
-        levels = self._sigma_levels(num_inference_steps)
-        self.num_inference_steps = num_inference_steps
-        self.sigma_steps = torch.cat([levels, levels.new_zeros(1)])
-        self._set_levels(levels, device)
-        self.init_noise_sigma = float(levels[0])
+        self._set_steps_to_zero(num_inference_steps, device)
         self._previous = None
 
     def step(
