@@ -58,6 +58,7 @@ PARAM = "schedulers/parametrization.py"
 SDE_MS = "schedulers/scheduling_sde_multistep.py"
 SDE_MS_TESTS = "tests/test_samplers_sde_multistep.py"
 PF_SIGMA_TESTS = "tests/test_samplers_pf_ode_sigma.py"
+PC_ANC_TESTS = "tests/test_samplers_pc_ancestral.py"
 LANGEVIN_TESTS = "tests/test_samplers_langevin.py"
 HEUN_2ND = "prev_sample = self._x_i + 0.5 * (self._d_i + drift) * self.dt"
 CFG_LINE = "return eps_uncond + guidance_scale * (eps_cond - eps_uncond)"
@@ -124,6 +125,13 @@ MUTATIONS = [
              (SDE_MS_TESTS,), "SDE multistep: noise σ√(1 − e^{−ηh}) instead of σ√(1 − e^{−2ηh})"),
     Mutation("sde-ms-decay", SDE_MS, "math.exp(-(1.0 + eta) * h_i)", "math.exp(-(1.0 + 2.0 * eta) * h_i)",
              (SDE_MS_TESTS,), "SDE multistep: decay e^{−(1+2η)h} instead of e^{−(1+η)h}"),
+    Mutation("pc-anc-var", VP_SDE, "noise_std = std_s * math.sqrt(beta_ts) / std_t", "noise_std = math.sqrt(beta_ts)",
+             (PC_ANC_TESTS,), "PC ancestral predictor: noise √β_{t|s} (the paper's) instead of the posterior's √β̃"),
+    Mutation("pc-anc-mean", VP_SDE, "(m_ts * std_s**2 / std_t**2) * sample", "(std_s**2 / std_t**2) * sample",
+             (PC_ANC_TESTS,), "PC ancestral predictor: the posterior mean's x_t coefficient without m_{t|s}"),
+    Mutation("pc-anc-next", VP_SDE, "next_times = grid[1:].repeat_interleave(C + 1)",
+             "next_times = grid[:-1].repeat_interleave(C + 1)", (PC_ANC_TESTS,),
+             "PC ancestral predictor: lands on the step's own time instead of the next grid time"),
     Mutation("pf-sigma-heun", PF, "x_next = self._x_i + 0.5 * (self._d_i + d) * d_sigma", "x_next = self._x_i + d * d_sigma",
              (PF_SIGMA_TESTS,), "PF-ODE in σ: Heun's corrector uses the end slope only"),
     Mutation("pf-sigma-scale", PF, "return self._finish(i, m_end * x_next, x0, return_dict)",

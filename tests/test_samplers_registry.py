@@ -35,7 +35,9 @@ def test_every_sampler_has_a_fast_and_a_paper_preset_that_the_registry_accepts(n
         scheduler.set_timesteps(steps)
         assert values and len(scheduler.timesteps) == nfe_of(name, steps, params)
     fast_steps, fast_params = spec.presets[0][1], spec.presets[0][2]
-    assert nfe_of(name, fast_steps, fast_params) <= (101 if name == "langevin" else 21) or name == "adaptive_sde"
+    # annealed Langevin and Euler–Maruyama are not usable at 20 NFE on any grid (docs/samplers.md)
+    most = {"langevin": 101, "vp_sde": 50}.get(name, 21)
+    assert nfe_of(name, fast_steps, fast_params) <= most or name == "adaptive_sde"
 
 
 def test_new_samplers_are_registered_with_their_limits():
