@@ -16,6 +16,17 @@ def tiny_unet(**overrides) -> UNet2DModel:
     return UNet2DModel(**{**TINY_UNET, **overrides}).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small-tensor tests: a second thread saves little there, and on
+    a busy machine its spin-waits cost far more (the weak-order test of test_convergence_order.py took
+    61 s with two, 9 s with one). A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ddpm_checkpoint(tmp_path_factory):
     """A google/ddpm-*-style folder: DDPMPipeline with an ε-prediction UNet and a DDPMScheduler."""

@@ -80,14 +80,7 @@ def ratios(errors: list) -> list:
     return [a / b for a, b in itertools.pairwise(errors)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Elementwise work on ≤ 80,000 numbers: a second intra-op thread saves little, and on a busy
-    machine its spin-waits make the weak-order test 7× slower (measured 61 s vs 9 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ WEIGHTS, STDS = [0.3, 0.7], [0.05, 0.15]
 MEANS = [[-0.5, 0.3, 0.0, 0.2], [0.4, -0.2, 0.1, -0.3]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is faster than two on a shared CPU (and much faster under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def mixture():

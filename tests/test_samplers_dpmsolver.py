@@ -18,13 +18,7 @@ COSINE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
 LINEAR_2000 = {"num_train_timesteps": 2000, "beta_start": 5e-5, "beta_end": 0.01, "beta_schedule": "linear"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is faster than two on a shared CPU (and much faster under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def pipeline(config):

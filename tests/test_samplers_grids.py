@@ -32,13 +32,7 @@ def test_uniform_grid_by_hand():
     torch.testing.assert_close(uniform_grid(1.0, 0.001, 5), expected, rtol=0, atol=1e-15)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is faster than two on a shared CPU (and much faster under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_log_snr_grid_by_hand():

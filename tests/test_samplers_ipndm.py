@@ -21,13 +21,7 @@ W16, S16 = [0.1, 0.2, 0.3, 0.4], [0.03, 0.06, 0.12, 0.25]
 M16 = torch.randn(4, 16, generator=torch.Generator().manual_seed(16), dtype=torch.float64) * 0.3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is faster than two on a shared CPU (and much faster under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_steps_are_adams_bashforth_by_hand():

@@ -17,12 +17,7 @@ from schedulers.scheduling_vp_sde import VPSDEScheduler
 from tests.test_samplers_ipndm import M16, S16, W16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def mean_coeff(t: float) -> float:

@@ -13,13 +13,7 @@ from schedulers.registry import SAMPLERS, create_scheduler, nfe_of, resolve_para
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is faster than two on a shared CPU (and much faster under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))

@@ -17,12 +17,7 @@ from schedulers.schedules import DiscreteVPSchedule
 from schedulers.scheduling_sde_multistep import SDEMultistepScheduler
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def vp_of(sigma: float) -> tuple[float, float]:
