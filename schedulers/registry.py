@@ -317,7 +317,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
                      ("paper: Song et al. 2021: 1000 uniform steps", 1000, {"time_grid": "uniform"})),
         ),
         SamplerSpec(
-            "pc", "Predictor–corrector (EM + Langevin)", VPSDEScheduler,
+            "pc", "Predictor–corrector (predictor + Langevin corrector)", VPSDEScheduler,
             "Song et al. 2021, Algorithm 2 with the Euler–Maruyama predictor: one Langevin corrector step "
             "(SNR-based step size) before every predictor step.",
             default_steps=500, config={"corrector_steps": 1},
