@@ -5,6 +5,7 @@ losses stop with a clear message; two processes under ``accelerate launch`` stay
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -231,3 +232,33 @@ def test_sigma_sampling_stays_in_range(distribution):
         assert float((s >= 1).double().mean()) > 0.65
     levels = sample_sigmas(1000, 0.01, 50.0, torch.Generator().manual_seed(0), num_levels=10)
     assert len(levels.unique()) == 10
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "logit_normal"])
+def test_timestep_sampling_covers_every_label_with_the_promised_density(distribution):
+    from training.losses import sample_timesteps
+
+    T = 1000
+    t = sample_timesteps(40000, T, torch.Generator().manual_seed(0), distribution)
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= T - 1
+    middle = float(((t >= T // 4) & (t < 3 * T // 4)).double().mean())
+    # the middle half: 1/2 for uniform labels; P(|n| < logit(3/4)) for logit-normal with m = 0, s = 1
+    expected = 0.5 if distribution == "uniform" else math.erf(math.log(3.0) / math.sqrt(2))  # 0.728
+    assert middle == pytest.approx(expected, abs=0.01)  # s.e. ≈ 0.0025
+    if distribution == "logit_normal":  # m shifts the draws: m = 1 puts the median at T·sigmoid(1) ≈ 731
+        shifted = sample_timesteps(40000, T, torch.Generator().manual_seed(0), distribution, logit_mean=1.0)
+        assert float(shifted.double().median()) == pytest.approx(T * torch.sigmoid(torch.tensor(1.0)).item(), abs=10)
+    again = sample_timesteps(40000, T, torch.Generator().manual_seed(0), distribution)
+    assert torch.equal(t, again)
+    with pytest.raises(ValueError, match="timestep sampling"):
+        sample_timesteps(4, T, torch.Generator(), "cosine")
+
+
+def test_logit_normal_training_runs_and_records_its_setting(tmp_path, tiny_config):
+    out = tmp_path / "ln"
+    assert train.main(base_args(out, tiny_config, "--max_train_steps", "3", "--checkpointing_steps", "3",
+                                "--timestep_sampling", "logit_normal", "--logit_mean", "-0.5")) == 0
+    args = json.loads((out / "model" / "training_args.json").read_text())
+    assert args["timestep_sampling"] == "logit_normal" and args["logit_mean"] == -0.5
+    with pytest.raises(SystemExit):
+        train.parse_args(["--output_dir", str(tmp_path / "bad"), "--logit_std", "0"])

@@ -12,8 +12,29 @@ from schedulers.parametrization import epsilon_to_v, forward_marginal, score_to_
 from schedulers.schedules import DiscreteVPSchedule, linear_betas_for_sigma_range
 
 
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+
+
+def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator, distribution: str = "uniform",
+                     logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+    """Training labels t ∈ {0..T-1} for a batch.
+
+    - ``"uniform"``: t ~ U{0..T-1} (Ho et al. 2020, Algorithm 1);
+    - ``"logit_normal"``: t = ⌊T·sigmoid(m + s·n)⌋ with n ~ N(0, 1) (Esser et al. 2024, §3.1): the middle
+      labels, where the sample's layout is decided, are drawn more often than the two ends.
+    """
+    if distribution == "uniform":
+        return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+    if distribution == "logit_normal":
+        n = torch.randn(batch, generator=generator, dtype=torch.float64)
+        u = torch.sigmoid(logit_mean + logit_std * n)
+        return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    raise ValueError(f"timestep sampling must be one of {TIMESTEP_SAMPLING}, got {distribution!r}")
+
+
 def ddpm_loss(unet, x_0: torch.Tensor, alphas_cumprod: torch.Tensor, generator: torch.Generator,
-              prediction_type: str = "epsilon", class_labels=None) -> torch.Tensor:
+              prediction_type: str = "epsilon", class_labels=None, timestep_sampling: str = "uniform",
+              logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
     """DDPM Algorithm 1: t ~ U{0..T-1}, ε ~ N(0, I), ‖target − net(√ᾱ_t x₀ + √(1-ᾱ_t) ε, t)‖².
 
     Args:
@@ -23,9 +44,10 @@ def ddpm_loss(unet, x_0: torch.Tensor, alphas_cumprod: torch.Tensor, generator: 
         generator: a CPU generator; all randomness of the step comes from it.
         prediction_type: ``"epsilon"`` (target ε), ``"sample"`` (x₀) or ``"v_prediction"``
             (v = √ᾱ ε − √(1-ᾱ) x₀).
+        timestep_sampling, logit_mean, logit_std: how t is drawn (:func:`sample_timesteps`).
     """
     b = x_0.shape[0]
-    t = torch.randint(0, len(alphas_cumprod), (b,), generator=generator).to(x_0.device)
+    t = sample_timesteps(b, len(alphas_cumprod), generator, timestep_sampling, logit_mean, logit_std).to(x_0.device)
     epsilon = torch.randn(x_0.shape, generator=generator).to(x_0.device, x_0.dtype)
     alpha_bar_t = alphas_cumprod[t].to(x_0.dtype).view(b, 1, 1, 1)
     a_t, s_t = vp_scales(alpha_bar_t)

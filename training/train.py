@@ -38,7 +38,7 @@ from training.checkpointing import (  # noqa: F401  (STATE_FILE, CHECKPOINT_PREF
     CHECKPOINT_PREFIX, STATE_FILE, TrainingError, find_checkpoint, read_training_state, save_training_state,
 )
 from training.hub import push_model, redact_args, redact_argv
-from training.losses import ddpm_loss, ncsn_loss
+from training.losses import TIMESTEP_SAMPLING, ddpm_loss, ncsn_loss
 from training.presets import DIT_PRESETS, PRESETS, dit_config, unet_config
 from training.reports import build_model_card, save_sample_grid
 
@@ -50,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ddpm: VP ε/x₀/v objective; ncsn: VE denoising score matching (docs/schedules.md)")
     g.add_argument("--prediction_type", choices=("epsilon", "sample", "v_prediction"), default="epsilon", help="ddpm only")
     g.add_argument("--num_train_timesteps", type=int, default=1000, help="ddpm: T")
+    g.add_argument("--timestep_sampling", choices=TIMESTEP_SAMPLING, default="uniform",
+                   help="ddpm: training labels t uniform (Ho et al.) or logit-normal around the middle (Esser et al. 2024)")
+    g.add_argument("--logit_mean", type=float, default=0.0, help="ddpm, logit_normal: m (0 centres the draws on t = T/2)")
+    g.add_argument("--logit_std", type=float, default=1.0, help="ddpm, logit_normal: s")
     g.add_argument("--beta_schedule", default="linear", choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
     g.add_argument("--beta_start", type=float, default=1e-4)
     g.add_argument("--beta_end", type=float, default=0.02)
@@ -132,6 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--train_batch_size and --gradient_accumulation_steps must be ≥ 1")
     if not 0 <= args.p_uncond < 1:
         p.error("--p_uncond must be in [0, 1)")
+    if not args.logit_std > 0:
+        p.error("--logit_std must be positive")
     if args.objective == "ncsn" and not 0 < args.sigma_min < args.sigma_max:
         p.error("--sigma_min must be positive and below --sigma_max")
     if args.vae and args.objective != "ddpm":
@@ -446,7 +452,8 @@ class Trainer:
                     class_labels = torch.where(drop, torch.full_like(class_labels, self.null_label), class_labels)
             with accelerator.accumulate(unet):
                 if args.objective == "ddpm":
-                    loss = ddpm_loss(unet, x_0, self.alphas_cumprod, gen, args.prediction_type, class_labels)
+                    loss = ddpm_loss(unet, x_0, self.alphas_cumprod, gen, args.prediction_type, class_labels,
+                                     args.timestep_sampling, args.logit_mean, args.logit_std)
                 else:
                     loss = ncsn_loss(unet, x_0, args.sigma_min, args.sigma_max, gen, args.num_sigma_levels or None,
                                      class_labels, args.ncsn_input_scaling, args.sigma_sampling)
