@@ -24,6 +24,7 @@ BUNDLED = {
     "MNIST DDPM, class-conditional (bundled)": CHECKPOINT_DIR / "mnist-ddpm-cond",
     "MNIST NCSN score network (bundled)": CHECKPOINT_DIR / "mnist-ncsn",
     "MNIST latent DiT, class-conditional (bundled)": CHECKPOINT_DIR / "mnist-latent-dit",
+    "MNIST latent UNet, class-conditional (bundled)": CHECKPOINT_DIR / "mnist-latent-unet",
 }
 DEFAULT_CHECKPOINT = next(iter(BUNDLED))
 SPACE_REFUSAL = ("On this server only the bundled checkpoints and Hugging Face Hub repo ids (owner/name) can be loaded; "
