@@ -28,6 +28,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def classify():
+    """The project's MNIST classifier as ``images in [-1, 1] → predicted digits`` (tests of bundled models)."""
+    from evaluation.evaluate import FeatureNet
+
+    features = FeatureNet()
+    return lambda images: features(images)[1]
+
+
+@pytest.fixture(scope="session")
 def ddpm_checkpoint(tmp_path_factory):
     """A google/ddpm-*-style folder: DDPMPipeline with an ε-prediction UNet and a DDPMScheduler."""
     path = tmp_path_factory.mktemp("ckpt") / "ddpm"

@@ -25,14 +25,6 @@ def pipe():
     return SamplerPipeline.from_pretrained(str(LATENT))
 
 
-@pytest.fixture(scope="module")
-def classify():
-    from evaluation.evaluate import FeatureNet
-
-    features = FeatureNet()
-    return lambda images: features(images)[1]
-
-
 def test_the_bundled_latent_model_is_a_class_conditional_latent_dit():
     info = inspect_checkpoint(str(LATENT))
     assert info.is_latent and info.denoiser_class == "DiTTransformer2DModel"

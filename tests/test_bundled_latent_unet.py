@@ -27,14 +27,6 @@ def pipe():
     return SamplerPipeline.from_pretrained(str(LATENT_UNET))
 
 
-@pytest.fixture(scope="module")
-def classify():
-    from evaluation.evaluate import FeatureNet
-
-    features = FeatureNet()
-    return lambda images: features(images)[1]
-
-
 def test_it_is_a_class_conditional_latent_unet_on_the_dits_latents():
     info = inspect_checkpoint(str(LATENT_UNET))
     assert info.is_latent and info.denoiser_class == "UNet2DModel"
