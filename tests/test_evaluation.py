@@ -80,8 +80,7 @@ def test_bundled_checkpoints_sample_under_every_sampler(label):
     assert (pipe.info.image_shape if pipe.info.is_latent else (1, pipe.info.sample_size, pipe.info.sample_size)) == (1, 32, 32)
     card = (BUNDLED[label] / "README.md").read_text()
     assert "accelerate launch training/train.py" in card and "training time" in card and "final loss" in card
-    denoiser = "transformer" if "Transformer" in pipe.info.denoiser_class else "unet"
-    weights = BUNDLED[label] / denoiser / "diffusion_pytorch_model.safetensors"
+    weights = pipe.info.unet_path / "diffusion_pytorch_model.safetensors"  # unet/ or transformer/, as the loader found it
     # small enough for git and a Space: under 20 MiB (the largest, the latent UNet, is 17.7 MiB; the Hub
     # stores files over 10 MB with LFS, which a Space's git push of either latent model needs anyway)
     assert weights.stat().st_size < 20 * 2**20

@@ -248,16 +248,30 @@ def test_timestep_sampling_covers_every_label_with_the_promised_density(distribu
     if distribution == "logit_normal":  # m shifts the draws: m = 1 puts the median at T·sigmoid(1) ≈ 731
         shifted = sample_timesteps(40000, T, torch.Generator().manual_seed(0), distribution, logit_mean=1.0)
         assert float(shifted.double().median()) == pytest.approx(T * torch.sigmoid(torch.tensor(1.0)).item(), abs=10)
+        narrow = sample_timesteps(40000, T, torch.Generator().manual_seed(0), distribution, logit_std=0.5)
+        share = float(((narrow >= T // 4) & (narrow < 3 * T // 4)).double().mean())
+        assert share == pytest.approx(math.erf(math.log(3.0) / (0.5 * math.sqrt(2))), abs=0.01)  # s = 0.5: 0.972
     again = sample_timesteps(40000, T, torch.Generator().manual_seed(0), distribution)
     assert torch.equal(t, again)
     with pytest.raises(ValueError, match="timestep sampling"):
         sample_timesteps(4, T, torch.Generator(), "cosine")
 
 
-def test_logit_normal_training_runs_and_records_its_setting(tmp_path, tiny_config):
+def test_logit_normal_training_draws_its_labels_and_records_the_setting(tmp_path, tiny_config, monkeypatch):
+    from training import losses
+
+    drawn = []
+    real = losses.sample_timesteps
+
+    def spy(*args, **kwargs):
+        drawn.append(args[3:])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "sample_timesteps", spy)
     out = tmp_path / "ln"
     assert train.main(base_args(out, tiny_config, "--max_train_steps", "3", "--checkpointing_steps", "3",
-                                "--timestep_sampling", "logit_normal", "--logit_mean", "-0.5")) == 0
+                                "--timestep_sampling", "logit_normal", "--logit_mean", "-0.5", "--logit_std", "0.7")) == 0
+    assert drawn and all(d == ("logit_normal", -0.5, 0.7) for d in drawn), drawn  # every step's labels
     args = json.loads((out / "model" / "training_args.json").read_text())
     assert args["timestep_sampling"] == "logit_normal" and args["logit_mean"] == -0.5
     with pytest.raises(SystemExit):
