@@ -293,6 +293,9 @@ def main(argv=None) -> int:
     steps = args.steps or SAMPLERS[args.sampler].default_steps
     images, labels, nfe, seconds = sample_images(pipe, args.sampler, steps, args.num_samples, args.batch_size, args.seed,
                                                  params, args.class_conditional, args.guidance_scale, accelerator)
+    # the processes have nothing more to exchange: close the process group on every rank now, so a rank that
+    # exits while rank 0 computes the report does not tear down live gloo threads (an abort, "terminate called")
+    accelerator.end_training()
     if not accelerator.is_main_process:
         return 0
     features = FeatureNet(args.feature, args.classifier)

@@ -287,6 +287,7 @@ def main(argv=None) -> int:
     run(args.checkpoint, args.num_samples, Path(args.out), tuple(int(n) for n in args.nfe.split(",")), rows, args.seed,
         args.class_conditional, args.guidance_scale, args.batch_size, accelerator, metrics, args.nll,
         {"num_images": args.nll_images, "stride": args.nll_stride, "rtol": args.nll_rtol}, device=device, dtype=dtype)
+    accelerator.end_training()  # close the process group before exit, as evaluation.evaluate does
     print(f"done in {time.time() - start:.0f} s; wrote {args.out}.md/.csv/.png/.json")
     return 0
 
