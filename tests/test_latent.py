@@ -198,7 +198,7 @@ def test_training_a_latent_dit_gives_a_checkpoint_the_pipeline_samples(tmp_path)
     out = tmp_path / "run"
     assert train.main(["--output_dir", str(out), "--vae", str(tmp_path / "ae"), "--backbone", "dit", "--max_train_steps", "2",
                        "--train_batch_size", "4", "--checkpointing_steps", "0", "--save_images_steps", "0", "--no_progress",
-                       "--report_to", "none", "--lr_warmup_steps", "1"]) == 0
+                       "--report_to", "none", "--lr_warmup_steps", "1", "--dit_init", "adaln_zero"]) == 0
     info = inspect_checkpoint(str(out / "model"))
     assert info.is_latent and info.denoiser_class == "DiTTransformer2DModel" and info.family.null_class_label == 10
     args = json.loads((out / "model" / "training_args.json").read_text())
@@ -208,6 +208,58 @@ def test_training_a_latent_dit_gives_a_checkpoint_the_pipeline_samples(tmp_path)
     assert images.shape == (2, 32, 32, 1) and math.isfinite(float(images.sum()))
     card = (out / "model" / "README.md").read_text()
     assert "latent DiT" in card and "latents 4×8×8 of 32×32 images" in card and "AutoencoderKL" in card, card
+    # --dit_init adaln_zero: two small steps leave every block's modulation near 0 (PyTorch's init: std ≈ 0.05)
+    assert args["dit_init"] == "adaln_zero"
+    dit = DiTTransformer2DModel.from_pretrained(out / "model", subfolder="transformer")
+    assert all(float(block.norm1.linear.weight.detach().abs().max()) < 0.01 for block in dit.transformer_blocks)
+    assert train.main(["--output_dir", str(tmp_path / "run-default"), "--vae", str(tmp_path / "ae"), "--backbone", "dit",
+                       "--max_train_steps", "1", "--train_batch_size", "4", "--checkpointing_steps", "0",
+                       "--save_images_steps", "0", "--no_progress", "--report_to", "none"]) == 0
+    dit = DiTTransformer2DModel.from_pretrained(tmp_path / "run-default" / "model", subfolder="transformer")
+    assert float(dit.transformer_blocks[0].norm1.linear.weight.detach().std()) > 0.03  # diffusers' init by default
+
+
+def _small_dit(**overrides) -> DiTTransformer2DModel:
+    config = dict(num_attention_heads=2, attention_head_dim=8, num_layers=3, patch_size=2, sample_size=8,
+                  in_channels=4, out_channels=4, num_embeds_ada_norm=10, norm_num_groups=1)
+    return DiTTransformer2DModel(**{**config, **overrides})
+
+
+def test_dit_paper_initialisation_starts_every_block_as_the_identity():
+    """adaLN-Zero (Peebles & Xie 2023, §3.2): the gates are 0, so each block returns its input, and the zeroed
+    output layer predicts ε̂ = 0; label rows are N(0, 0.02²) instead of PyTorch's N(0, 1)."""
+    from training.presets import init_dit_weights_
+
+    dit = _small_dit()
+    torch.manual_seed(0)
+    init_dit_weights_(dit)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 500, 999]), torch.tensor([1, 7, 10])
+    seen = []
+    hooks = [block.register_forward_hook(lambda m, inputs, output: seen.append((inputs[0], output)))
+             for block in dit.transformer_blocks]
+    with torch.no_grad():
+        assert float(dit(x, timestep=t, class_labels=y).sample.abs().max()) == 0.0
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == 3
+    for block_input, block_output in seen:
+        torch.testing.assert_close(block_output, block_input, rtol=0, atol=0)
+    table = dit.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.weight
+    assert 0.01 < float(table.detach().std()) < 0.03
+    assert float(dit.pos_embed.proj.bias.detach().abs().max()) == 0.0
+    # seeded: the same weights twice; and training moves it off zero (the output layer gets gradients first)
+    again = _small_dit()
+    torch.manual_seed(0)
+    init_dit_weights_(again)
+    for (name, p), q in zip(dit.named_parameters(), again.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    optimizer = torch.optim.SGD(dit.parameters(), lr=0.1)
+    for _ in range(2):
+        loss = (dit(x, timestep=t, class_labels=y).sample - torch.randn(3, 4, 8, 8)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(dit.proj_out_2.weight.detach().abs().max()) > 0 and float(dit.transformer_blocks[-1].norm1.linear.weight.detach().abs().max()) > 0
 
 
 @pytest.mark.parametrize("name", ["ldm_celebahq", "dit_256"])

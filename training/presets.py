@@ -103,3 +103,40 @@ def dit_config(preset: str, config_path: str | None, *, sample_size: int, channe
     config.update(sample_size=sample_size, in_channels=channels, out_channels=channels, num_embeds_ada_norm=num_classes,
                   norm_num_groups=1)
     return config
+
+
+DIT_INITS = ("adaln_zero", "default")
+
+
+def init_dit_weights_(model) -> None:
+    """Initialise a diffusers ``DiTTransformer2DModel`` in place as the DiT paper does (Peebles & Xie 2023, §3.2
+    "adaLN-Zero block" and their reference ``initialize_weights``); diffusers leaves PyTorch's defaults.
+
+    - every ``nn.Linear`` and the patch projection: Xavier-uniform weights, zero biases;
+    - class-label tables and the timestep MLPs: N(0, 0.02²) (PyTorch's N(0, 1) label rows would swamp the
+      timestep embedding they are added to);
+    - the adaLN modulation of every block and of the output layer, and the output projection: zero, so each
+      residual block starts as the identity (its gates α are 0) and the network starts by predicting 0.
+
+    Call under a seeded ``torch.manual_seed`` for reproducible weights.
+    """
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    projection = model.pos_embed.proj  # a Conv2d with kernel = stride = patch size: a linear map of each patch
+    nn.init.xavier_uniform_(projection.weight.view(projection.weight.shape[0], -1))
+    nn.init.zeros_(projection.bias)
+    for block in model.transformer_blocks:
+        embedding = block.norm1.emb  # each diffusers block has its own timestep + label embedding
+        nn.init.normal_(embedding.class_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(embedding.timestep_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(embedding.timestep_embedder.linear_2.weight, std=0.02)
+        nn.init.zeros_(block.norm1.linear.weight)  # adaLN-Zero: shift, scale and gate of both sub-layers start at 0
+        nn.init.zeros_(block.norm1.linear.bias)
+    for layer in (model.proj_out_1, model.proj_out_2):  # output adaLN and projection: the model starts at ε̂ = 0
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)

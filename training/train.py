@@ -39,7 +39,7 @@ from training.checkpointing import (  # noqa: F401  (STATE_FILE, CHECKPOINT_PREF
 )
 from training.hub import push_model, redact_args, redact_argv
 from training.losses import TIMESTEP_SAMPLING, ddpm_loss, ncsn_loss
-from training.presets import DIT_PRESETS, PRESETS, dit_config, unet_config
+from training.presets import DIT_INITS, DIT_PRESETS, PRESETS, dit_config, init_dit_weights_, unet_config
 from training.reports import build_model_card, save_sample_grid
 
 
@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--backbone", choices=("unet", "dit"), default="unet", help="denoiser: UNet2DModel or a DiT transformer")
     g.add_argument("--dit_preset", default="dit-cpu", choices=sorted(DIT_PRESETS), help="dit: size preset")
     g.add_argument("--patch_size", type=int, default=None, help="dit: patch size (default: the preset's)")
+    g.add_argument("--dit_init", choices=DIT_INITS, default="default",
+                   help="dit: diffusers' initialisation (PyTorch defaults; the bundled DiT's) or the DiT paper's "
+                        "(adaln_zero: every block starts as the identity, the output at 0)")
     g = p.add_argument_group("conditioning")
     g.add_argument("--class_conditional", action=argparse.BooleanOptionalAction, default=None,
                    help="train with class labels (default: when the data has labels)")
@@ -310,6 +313,8 @@ class Trainer:
             self.unet_config = dit_config(args.dit_preset, args.model_config, sample_size=size, channels=channels,
                                           num_classes=self.num_classes, patch_size=args.patch_size)
             self.unet = DiTTransformer2DModel(**self.unet_config)
+            if args.dit_init == "adaln_zero":
+                init_dit_weights_(self.unet)
             for module in self.unet.modules():  # label dropout is ours (seeded, --p_uncond), not the embedding's own
                 if type(module).__name__ == "LabelEmbedding":
                     module.dropout_prob = 0.0
