@@ -4,10 +4,11 @@ a whole DDIM run per image, with the decoder counted apart.
     python benchmarks/bench_latent.py                 # batch 64, 5 alternating repeats, medians
     python benchmarks/bench_latent.py --batch 16 --steps 20 --repeats 3
 
-The pixel model (checkpoints/mnist-ddpm-cond, a 0.69M-parameter UNet on 32×32×1) and the latent
-model (checkpoints/mnist-latent-dit, a 2.8M-parameter DiT on 8×8×4 latents, patch 2: 16 tokens,
-plus its AutoencoderKL decoder) are timed in the same process, interleaved, so the machine's load
-hits both alike; the figures to read are the ratios.
+The pixel model (checkpoints/mnist-ddpm-cond, a 0.69M-parameter UNet on 32×32×1) and the two latent
+models (checkpoints/mnist-latent-dit, a 2.8M-parameter DiT on 8×8×4 latents, patch 2: 16 tokens;
+checkpoints/mnist-latent-unet, a 4.6M-parameter UNet on the same latents; both with the same
+AutoencoderKL decoder) are timed in the same process, interleaved, so the machine's load hits all
+alike; the figures to read are the ratios.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pipelines.device import resolve_device
 ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = {"pixel UNet (mnist-ddpm-cond)": ROOT / "checkpoints" / "mnist-ddpm-cond",
-          "latent DiT (mnist-latent-dit)": ROOT / "checkpoints" / "mnist-latent-dit"}
+          "latent DiT (mnist-latent-dit)": ROOT / "checkpoints" / "mnist-latent-dit",
+          "latent UNet (mnist-latent-unet)": ROOT / "checkpoints" / "mnist-latent-unet"}
 
 
 def _time(fn) -> float:
@@ -71,9 +73,10 @@ def main(argv=None) -> int:
         dec = med["decode"].get(name)
         print(f"{name:32s} {params / 1e6:7.2f}M {state:>8s} {med['forward'][name] / args.batch * 1e3:10.3f}ms "
               f"{'' if dec is None else f'{dec / args.batch * 1e3:9.3f}ms':>11s} {med['run'][name] / args.batch * 1e3:11.2f}ms")
-    (pix, lat) = pipes
-    print(f"latent / pixel: one network evaluation {med['forward'][lat] / med['forward'][pix]:.2f}×, "
-          f"a guided DDIM-{args.steps} run (2 evaluations a step, + one decode) {med['run'][lat] / med['run'][pix]:.2f}×")
+    pix, *latents = pipes
+    for lat in latents:
+        print(f"{lat} / pixel: one network evaluation {med['forward'][lat] / med['forward'][pix]:.2f}×, "
+              f"a guided DDIM-{args.steps} run (2 evaluations a step, + one decode) {med['run'][lat] / med['run'][pix]:.2f}×")
     return 0
 
 
