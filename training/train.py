@@ -75,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--latent_scaling", choices=("measure", "config"), default="measure",
                    help="latent scaling factor: 1/std of the training latents (as Stable Diffusion) or the VAE config's")
     g.add_argument("--backbone", choices=("unet", "dit"), default="unet", help="denoiser: UNet2DModel or a DiT transformer")
-    g.add_argument("--dit_preset", default="dit-cpu", choices=sorted(DIT_PRESETS), help="dit: size preset")
+    g.add_argument("--dit_preset", default="dit-cpu-p1", choices=sorted(DIT_PRESETS),
+                   help="dit: size preset (training/presets.py; the default is the bundled latent DiT's)")
     g.add_argument("--patch_size", type=int, default=None, help="dit: patch size (default: the preset's)")
     g.add_argument("--dit_init", choices=DIT_INITS, default="default",
                    help="dit: diffusers' initialisation (PyTorch defaults; the bundled DiT's) or the DiT paper's "
