@@ -5,7 +5,7 @@ a whole DDIM run per image, with the decoder counted apart.
     python benchmarks/bench_latent.py --batch 16 --steps 20 --repeats 3
 
 The pixel model (checkpoints/mnist-ddpm-cond, a 0.69M-parameter UNet on 32×32×1) and the two latent
-models (checkpoints/mnist-latent-dit, a 2.8M-parameter DiT on 8×8×4 latents, patch 2: 16 tokens;
+models (checkpoints/mnist-latent-dit, a 2.8M-parameter DiT on 8×8×4 latents, patch 1: 64 tokens;
 checkpoints/mnist-latent-unet, a 4.6M-parameter UNet on the same latents; both with the same
 AutoencoderKL decoder) are timed in the same process, interleaved, so the machine's load hits all
 alike; the figures to read are the ratios.

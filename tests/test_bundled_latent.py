@@ -49,7 +49,7 @@ def test_ddim_with_guidance_gives_the_requested_digit(pipe, classify):
     out = pipe("ddim", 50, batch_size=len(DIGITS), seed=0, class_labels=DIGITS, guidance_scale=3.0, output_type="pt",
                scheduler_params={"eta": 0.0})
     accuracy = float((classify(out.images) == torch.tensor(DIGITS)).float().mean())
-    assert accuracy >= 0.9, accuracy
+    assert accuracy >= 0.95, accuracy
 
 
 def test_plain_diffusers_loop_gives_the_same_digits(pipe, classify):
@@ -75,13 +75,32 @@ def test_plain_diffusers_loop_gives_the_same_digits(pipe, classify):
     ours = pipe("ddim", 50, batch_size=n, seed=0, class_labels=DIGITS, guidance_scale=w, output_type="pt",
                 scheduler_params={"eta": 0.0})
     lab = float((classify(ours.images) == torch.tensor(DIGITS)).float().mean())
-    assert plain >= 0.9 and abs(plain - lab) <= 0.1, (plain, lab)
+    assert plain >= 0.95 and abs(plain - lab) <= 0.05, (plain, lab)
 
 
 def test_unconditional_samples_cover_every_digit(pipe, classify):
-    out = pipe("ddim", 25, batch_size=200, seed=1, guidance_scale=1.0, output_type="pt", scheduler_params={"eta": 1.0})
-    counts = np.bincount(classify(out.images).numpy(), minlength=10) / 200
-    assert counts.min() >= 0.03 and counts.max() <= 0.2, counts  # 200 samples: loose bounds around 5-15 %
+    """The card's bar is 5-15 % per digit; its 9s are at ~14 % over 6,000 samples, so 1,000 samples (s.e. 1.1
+    points at 15 %, 0.7 at 5 %) get 1.5 points of slack: a regression check, not the card's measurement."""
+    predicted = []
+    for seed in (1, 2):
+        out = pipe("ddim", 50, batch_size=500, seed=seed, guidance_scale=1.0, output_type="pt",
+                   scheduler_params={"eta": 1.0})
+        predicted.append(classify(out.images))
+    counts = np.bincount(torch.cat(predicted).numpy(), minlength=10) / 1000
+    assert counts.min() >= 0.04 and counts.max() <= 0.165, counts
+
+
+def test_the_training_preset_rebuilds_the_bundled_architecture():
+    """The model card's command names `--dit_preset dit-cpu-p1`; the weights were trained with the same sizes
+    given as a --model_config file, so the preset must resolve to this folder's transformer config."""
+    from training.presets import dit_config
+
+    bundled = json.loads((LATENT / "transformer" / "config.json").read_text())
+    args = json.loads((LATENT / "training_args.json").read_text())
+    config = dit_config("dit-cpu-p1", None, sample_size=bundled["sample_size"], channels=bundled["in_channels"],
+                        num_classes=bundled["num_embeds_ada_norm"])
+    assert {k: bundled[k] for k in config} == config
+    assert args["backbone"] == "dit" and args["seed"] == 0 and args["max_train_steps"] == 7500
 
 
 def test_the_app_offers_the_latent_model_and_shows_its_latents():
