@@ -37,6 +37,16 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
+def _mflop(fn) -> float:
+    """Floating-point operations of one call in millions, by torch's FlopCounterMode (matmuls and
+    convolutions, 2 per multiply-add): the device-independent side of the comparison."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e6
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
@@ -51,6 +61,12 @@ def main(argv=None) -> int:
           f"{args.repeats} alternating repeats (medians)")
     pipes = {name: SamplerPipeline.from_pretrained(str(path), device=device) for name, path in MODELS.items()}
     forward, run, decode = ({name: [] for name in pipes} for _ in range(3))
+    flops = {}
+    for name, pipe in pipes.items():
+        x = torch.randn((1, *pipe.sample_shape), device=device)
+        t, label = torch.full((1,), 500, device=device), torch.full((1,), 3, device=device)
+        flops[name] = (_mflop(lambda: pipe.unet(x, t, class_labels=label)),
+                       _mflop(lambda: pipe.decoder.decode(x)) if pipe.decoder is not None else None)
     for _ in range(args.repeats):
         for name, pipe in pipes.items():
             shape = (args.batch, *pipe.sample_shape)
@@ -66,16 +82,19 @@ def main(argv=None) -> int:
                                                  guidance_scale=3.0, output_type="pt")))
     med = {k: {n: statistics.median(v) for n, v in d.items() if v} for k, d in
            (("forward", forward), ("run", run), ("decode", decode))}
-    print(f"{'model':32s} {'params':>8s} {'state':>8s} {'forward/img':>12s} {'decode/img':>11s} {'DDIM run/img':>13s}")
+    print(f"{'model':32s} {'params':>8s} {'state':>8s} {'MFLOP/eval':>11s} {'forward/img':>12s} {'decode/img':>11s} "
+          f"{'DDIM run/img':>13s}")
     for name, pipe in pipes.items():
         params = sum(q.numel() for q in pipe.unet.parameters())
         state = "×".join(map(str, pipe.sample_shape))
         dec = med["decode"].get(name)
-        print(f"{name:32s} {params / 1e6:7.2f}M {state:>8s} {med['forward'][name] / args.batch * 1e3:10.3f}ms "
+        print(f"{name:32s} {params / 1e6:7.2f}M {state:>8s} {flops[name][0]:11.1f} "
+              f"{med['forward'][name] / args.batch * 1e3:10.3f}ms "
               f"{'' if dec is None else f'{dec / args.batch * 1e3:9.3f}ms':>11s} {med['run'][name] / args.batch * 1e3:11.2f}ms")
     pix, *latents = pipes
     for lat in latents:
-        print(f"{lat} / pixel: one network evaluation {med['forward'][lat] / med['forward'][pix]:.2f}×, "
+        print(f"{lat} / pixel: one network evaluation {med['forward'][lat] / med['forward'][pix]:.2f}× the time, "
+              f"{flops[lat][0] / flops[pix][0]:.2f}× the FLOPs (decoder {flops[lat][1]:.0f} MFLOP once per image); "
               f"a guided DDIM-{args.steps} run (2 evaluations a step, + one decode) {med['run'][lat] / med['run'][pix]:.2f}×")
     return 0
 
