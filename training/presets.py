@@ -76,7 +76,7 @@ DIT_PRESETS = {
     # DiT (Peebles & Xie 2023) sizes for small latents (e.g. 8×8×4); patch size 1 keeps one token per latent pixel.
     # ≈2.8M parameters, 16 tokens of 2×2 latent patches at 8×8: for 2 CPU cores.
     "dit-cpu": dict(num_attention_heads=4, attention_head_dim=32, num_layers=8, patch_size=2),
-    # the same width and depth with one token per latent pixel (64 tokens at 8×8; 4× the attention cost): the
+    # the same width and depth with one token per latent pixel (64 tokens at 8×8; ~4× the FLOPs per evaluation): the
     # bundled checkpoints/mnist-latent-dit, whose unconditional samples cover the digits evenly where patch 2's do not.
     "dit-cpu-p1": dict(num_attention_heads=4, attention_head_dim=32, num_layers=8, patch_size=1),
     # ≈5M parameters, one token per latent pixel (64 tokens at 8×8).
